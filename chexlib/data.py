@@ -391,3 +391,54 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
     print("PASSED" if report.passed else "FAILED")
     return 0 if report.passed else 1
+
+
+# --- prevalence and the data-prep notebook's configuration -------------------
+
+# Fraction of all 112,120 NIH images carrying each finding (REFERENCE.md).
+NIH_PREVALENCE: dict[str, float] = {
+    "Atelectasis": 0.103, "Cardiomegaly": 0.025, "Effusion": 0.119, "Infiltration": 0.177,
+    "Mass": 0.052, "Nodule": 0.056, "Pneumonia": 0.013, "Pneumothorax": 0.047,
+    "Consolidation": 0.042, "Edema": 0.021, "Emphysema": 0.022, "Fibrosis": 0.015,
+    "Pleural_Thickening": 0.030, "Hernia": 0.002,
+}  # fmt: skip
+NIH_NO_FINDING = 0.538
+
+
+def prevalence_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per label: prevalence in ``df`` beside the NIH figure (long format, for seaborn)."""
+    ours = {label: float(df[label].mean()) for label in LABELS}
+    ours[NO_FINDING] = float((df[list(LABELS)].sum(axis=1) == 0).mean())
+    nih = {**NIH_PREVALENCE, NO_FINDING: NIH_NO_FINDING}
+    rows = [{"label": k, "source": "this dataset", "prevalence": v} for k, v in ours.items()]
+    rows += [{"label": k, "source": "NIH ChestX-ray14", "prevalence": v} for k, v in nih.items()]
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class DataPrepConfig:
+    """Parameters of ``notebooks/01_data_prep.ipynb``, validated."""
+
+    data_dir: str
+    output_dir: str
+    generate: bool = True
+    n_images: int = 2000
+    image_size: int = 1024
+    seed: int = 0
+    val_fraction: float = 0.1
+    workers: int | None = None
+
+    def __post_init__(self):
+        if self.n_images < 10:
+            raise ValueError(f"n_images must be at least 10, got {self.n_images}")
+        if not 32 <= self.image_size <= 4096:
+            raise ValueError(f"image_size must be in [32, 4096], got {self.image_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.generate and not Path(self.data_dir).is_dir():
+            raise ValueError(f"data_dir {self.data_dir} does not exist and generate is False")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
