@@ -33,8 +33,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == only:  # import only the module of the command being run
-            add = getattr(_module_for(name), f"add_{name.replace('-', '_')}_arguments", None)
-            (add or _module_for(name).add_arguments)(p)
+            module = _module_for(name)
+            add = getattr(module, f"add_{name.replace('-', '_')}_arguments", None)
+            (add or module.add_arguments)(p)
     return parser
 
 
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     only = only if only in COMMANDS else None
     args = build_parser(only).parse_args(argv)
     module = _module_for(args.command)
-    run = getattr(module, f"run_{args.command.replace('-', '_')}", None) or module.run
+    suffix = args.command.replace("-", "_")
+    # Paired names (add_X_arguments/run_X) for modules with several commands, else add_arguments/run.
+    paired = hasattr(module, f"add_{suffix}_arguments")
+    run = getattr(module, f"run_{suffix}") if paired else module.run
     return int(run(args) or 0)
 
 

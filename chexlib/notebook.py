@@ -32,7 +32,7 @@ def run_notebook(
     """
     import papermill as pm
 
-    source = Path(name) if Path(name).suffix == ".ipynb" and Path(name).exists() else notebook_path(str(name))
+    source = Path(name) if Path(name).is_file() else notebook_path(str(name))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     env_kernel = os.environ.get("CHEXLIB_KERNEL")

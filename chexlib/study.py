@@ -1,0 +1,289 @@
+"""Batch studies: papermill sweeps over parameter grids, resumable.
+
+A study specification (``papermill_runs/*.yaml``) is a list of stages; each
+stage is a notebook and a parameter grid::
+
+    name: demo
+    vars: {data: "{outputs}/data/demo"}       # reusable values, may use {outputs}
+    stages:
+      - name: train
+        notebook: 04_distributed_training
+        parameters: {DATA_DIR: "{data}", EPOCHS: 2}   # fixed for every run
+        grid: {MODEL: [densenet121, resnet50], RANKS: [1, 2]}   # cartesian product
+
+Every run gets a stable id from its parameters and executes into
+``outputs/<study>/<stage>/<run_id>/`` (executed notebook, HTML rendering,
+and the notebook's own ``params.json``/``metrics.json``, since ``OUTPUT_DIR``
+is set to that folder). A run is complete when its ``run.json`` says so for
+the same parameters; complete runs are skipped, so an interrupted study
+resumes where it stopped. A failed run is reported and the study goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from chexlib.results import read_json, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUTS = REPO / "outputs"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class SpecError(ValueError):
+    """A study specification is malformed; the message names the file and stage."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One notebook execution: a stage, its parameters and where it writes."""
+
+    study: str
+    stage: str
+    notebook: str
+    parameters: dict
+    run_dir: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def executed(self) -> Path:
+        return self.run_dir / f"{Path(self.notebook).stem}.ipynb"
+
+    def status(self) -> str:
+        """``complete`` (same parameters finished), ``failed``, ``incomplete`` or ``new``."""
+        marker = self.run_dir / "run.json"
+        if not marker.is_file():
+            return "incomplete" if self.run_dir.exists() else "new"
+        record = read_json(marker)
+        if record.get("parameters") != _canonical(self.parameters):
+            return "incomplete"
+        return record.get("status", "incomplete")
+
+
+@dataclass
+class StudyResult:
+    ran: list[Run] = field(default_factory=list)
+    skipped: list[Run] = field(default_factory=list)
+    failed: list[tuple[Run, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _canonical(params: dict) -> dict:
+    return json.loads(json.dumps(params, sort_keys=True, default=str))
+
+
+def run_id(params: dict, grid_keys: list[str]) -> str:
+    """Readable and stable: the grid values, then a hash of all parameters."""
+    digest = hashlib.sha256(json.dumps(_canonical(params), sort_keys=True).encode()).hexdigest()[:8]
+    slug = "_".join(f"{k.lower()}-{params[k]}" for k in grid_keys)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "", slug)[:80]
+    return f"{slug}_{digest}" if slug else digest
+
+
+def _substitute(value, variables: dict, where: str):
+    """Fill ``{name}`` placeholders in strings (recursively in lists and dicts)."""
+    if isinstance(value, str):
+
+        def fill(match):
+            name = match.group(1)
+            if name not in variables:
+                raise SpecError(f"{where}: unknown placeholder {{{name}}}; known: {sorted(variables)}")
+            return str(variables[name])
+
+        return _PLACEHOLDER.sub(fill, value)
+    if isinstance(value, list):
+        return [_substitute(v, variables, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, where) for k, v in value.items()}
+    return value
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read and check a study specification."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: cannot read study specification ({err})") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise SpecError(f"{path}: a study needs a non-empty 'stages' list")
+    spec.setdefault("name", path.stem)
+    names = set()
+    for i, stage in enumerate(spec["stages"]):
+        where = f"{path} stage {i + 1}"
+        if not isinstance(stage, dict) or "name" not in stage or "notebook" not in stage:
+            raise SpecError(f"{where}: each stage needs 'name' and 'notebook'")
+        if stage["name"] in names:
+            raise SpecError(f"{where}: duplicate stage name {stage['name']!r}")
+        names.add(stage["name"])
+        for key in ("parameters", "grid"):
+            if not isinstance(stage.get(key, {}), dict):
+                raise SpecError(f"{where} ({stage['name']}): '{key}' must be a mapping")
+        if "/" in stage["notebook"]:  # a path: relative to the specification's folder
+            stage["notebook"] = str((path.parent / stage["notebook"]).resolve())
+        bad = [k for k, v in stage.get("grid", {}).items() if not isinstance(v, list) or not v]
+        if bad:
+            raise SpecError(f"{where} ({stage['name']}): grid values must be non-empty lists: {bad}")
+    spec["_path"] = str(path)
+    return spec
+
+
+def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
+    """All runs of a study, in stage order, grid in the order written."""
+    outputs = Path(outputs).resolve()
+    study_dir = outputs / spec["name"]
+    variables = {"outputs": outputs, "study_dir": study_dir, "repo": REPO}
+    variables["hosts"] = os.environ.get("CHEXLIB_HOSTS", spec.get("hosts", "") or "")
+    for name, value in (spec.get("vars") or {}).items():
+        variables[name] = _substitute(value, variables, f"{spec['_path']} vars.{name}")
+    runs = []
+    for stage in spec["stages"]:
+        where = f"{spec['_path']} stage {stage['name']}"
+        fixed = _substitute(stage.get("parameters", {}), variables, where)
+        grid = _substitute(stage.get("grid", {}), variables, where)
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            params = {**fixed, **dict(zip(keys, combo, strict=True))}
+            run_dir = study_dir / stage["name"] / run_id(params, keys)
+            params["OUTPUT_DIR"] = str(run_dir)
+            runs.append(Run(spec["name"], stage["name"], stage["notebook"], params, run_dir))
+    return runs
+
+
+def execute(run: Run, html: bool = True) -> None:
+    """Run one notebook; ``run.json`` records the outcome either way."""
+    from chexlib.notebook import run_notebook
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"stage": run.stage, "notebook": run.notebook, "parameters": _canonical(run.parameters)}
+    write_json(run.run_dir / "run.json", {**record, "status": "running"})
+    start = time.time()
+    try:
+        run_notebook(run.notebook, run.executed, run.parameters, cwd=run.run_dir)
+    except Exception as err:  # papermill keeps the failing cell's error in the notebook
+        write_json(run.run_dir / "run.json", {**record, "status": "failed", "error": _short(err),
+                                              "seconds": time.time() - start})
+        raise
+    finally:
+        if html and run.executed.exists():
+            render_html(run.executed)
+    write_json(run.run_dir / "run.json", {**record, "status": "complete", "seconds": time.time() - start})
+
+
+def render_html(notebook: Path) -> Path:
+    """An HTML rendering beside the executed notebook, for reviewers."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    target = notebook.with_suffix(".html")
+    target.write_text(body)
+    return target
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return " | ".join(line for line in text if line.strip())[-600:] or type(err).__name__
+
+
+def run_study(
+    spec_path: str | Path,
+    outputs: str | Path = DEFAULT_OUTPUTS,
+    only: list[str] | None = None,
+    dry_run: bool = False,
+    jobs: int = 1,
+    html: bool = True,
+    log=print,
+) -> StudyResult:
+    """Expand a study and execute what is not complete yet.
+
+    Args:
+        spec_path: the YAML specification.
+        outputs: root of the outputs tree; runs go to ``<outputs>/<study>/...``.
+        only: run only these stages (names); the others are left as they are.
+        dry_run: list runs and their status, execute nothing.
+        jobs: runs of one stage executed at the same time (stages stay in order,
+            since later stages read what earlier ones wrote).
+        html: write an HTML rendering beside each executed notebook.
+        log: where progress lines go.
+    """
+    spec = load_spec(spec_path)
+    runs = expand(spec, outputs)
+    if only:
+        unknown = set(only) - {s["name"] for s in spec["stages"]}
+        if unknown:
+            raise SpecError(f"{spec_path}: no stage(s) {sorted(unknown)}")
+        runs = [r for r in runs if r.stage in only]
+    result, start = StudyResult(), time.time()
+    todo = []
+    for run in runs:
+        status = run.status()
+        (result.skipped if status == "complete" else todo).append(run)
+        if dry_run:
+            log(f"{status:>10}  {run.stage}/{run.run_id}")
+    log(f"study {spec['name']}: {len(runs)} runs, {len(result.skipped)} already complete, {len(todo)} to run")
+    if dry_run or not todo:
+        return result
+    counter = itertools.count(1)
+
+    def one(run: Run) -> None:
+        i = next(counter)
+        log(f"[{i}/{len(todo)}] {_clock(time.time() - start)}  {run.stage}/{run.run_id} ...")
+        t0 = time.time()
+        try:
+            execute(run, html=html)
+            result.ran.append(run)
+            log(f"[{i}/{len(todo)}] done in {_clock(time.time() - t0)}  {run.stage}/{run.run_id}")
+        except Exception as err:
+            result.failed.append((run, _short(err)))
+            log(f"[{i}/{len(todo)}] FAILED  {run.stage}/{run.run_id}: see {run.executed}")
+
+    for _, stage_runs in itertools.groupby(todo, key=lambda r: r.stage):
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(one, stage_runs))
+    log(f"study {spec['name']}: {len(result.ran)} ran, {len(result.skipped)} skipped, "
+        f"{len(result.failed)} failed in {_clock(time.time() - start)}")
+    for run, reason in result.failed:
+        log(f"  failed: {run.stage}/{run.run_id}\n    notebook: {run.executed}\n    error: {reason}")
+    return result
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("spec", help="study specification (papermill_runs/*.yaml)")
+    parser.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="list runs and their status, run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="runs of one stage at the same time")
+    parser.add_argument("--outputs", default=str(DEFAULT_OUTPUTS), help="root of the outputs tree")
+    parser.add_argument("--no-html", action="store_true", help="skip HTML renderings")
+
+
+def run(args) -> int:
+    try:
+        result = run_study(args.spec, outputs=args.outputs, only=args.only, dry_run=args.dry_run,
+                           jobs=args.jobs, html=not args.no_html)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if result.ok else 1

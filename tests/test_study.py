@@ -1,0 +1,92 @@
+"""chexlib.study: grids, stable run ids, resume, failures, on a probe notebook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chexlib.study import SpecError, expand, load_spec, run_study
+
+PROBE = Path(__file__).parent / "notebooks" / "probe.ipynb"
+
+
+def _spec(tmp_path, grid, fail_values=(), name="probe") -> Path:
+    spec = {
+        "name": name,
+        "stages": [
+            {
+                "name": "square",
+                "notebook": str(PROBE),
+                "grid": {"VALUE": grid},
+                "parameters": {"FAIL": False},
+            }
+        ],
+    }
+    if fail_values:
+        spec["stages"].append(
+            {"name": "broken", "notebook": str(PROBE), "grid": {"VALUE": list(fail_values)},
+             "parameters": {"FAIL": True}}
+        )
+        spec["stages"].append({"name": "after", "notebook": str(PROBE), "parameters": {"VALUE": 9}})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def test_expand_gives_stable_distinct_ids(tmp_path):
+    spec = load_spec(_spec(tmp_path, [1, 2, 3]))
+    a, b = expand(spec, tmp_path / "out"), expand(spec, tmp_path / "out")
+    assert [r.run_dir for r in a] == [r.run_dir for r in b]
+    assert len({r.run_id for r in a}) == 3
+    assert all(r.run_id.startswith(f"value-{v}_") for r, v in zip(a, [1, 2, 3], strict=True))
+    assert a[0].parameters["OUTPUT_DIR"] == str(a[0].run_dir)
+
+
+def test_spec_errors_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - name: x\n    notebook: n\n    grid: {A: 3}\n")
+    with pytest.raises(SpecError, match="bad.yaml stage 1 .*grid values must be non-empty lists"):
+        load_spec(bad)
+    bad.write_text("stages:\n  - name: x\n    notebook: n\n    parameters: {A: '{nope}'}\n")
+    with pytest.raises(SpecError, match=r"unknown placeholder \{nope\}"):
+        expand(load_spec(bad), tmp_path)
+
+
+@pytest.mark.slow
+def test_runs_resumes_and_reports_failures(tmp_path):
+    out = tmp_path / "out"
+    lines: list[str] = []
+    first = run_study(_spec(tmp_path, [2, 3], fail_values=[7]), outputs=out, log=lines.append)
+    assert not first.ok and len(first.ran) == 3 and len(first.failed) == 1  # 'after' still ran
+    failed_run, reason = first.failed[0]
+    assert "probe asked to fail (VALUE=7)" in reason
+    assert failed_run.executed.is_file() and failed_run.executed.with_suffix(".html").is_file()
+    assert any("FAILED" in line for line in lines)
+    assert any(str(failed_run.executed) in line for line in lines)
+    metrics = json.loads((out / "probe/square" / first.ran[0].run_id / "metrics.json").read_text())
+    assert metrics["value_squared"] == 4
+
+    # An interrupted run (marker says running) is rerun; complete ones are skipped.
+    done = first.ran[1]
+    marker = json.loads((done.run_dir / "run.json").read_text())
+    (done.run_dir / "run.json").write_text(json.dumps({**marker, "status": "running"}))
+    second = run_study(_spec(tmp_path, [2, 3]), outputs=out, log=lines.append)
+    assert [r.run_id for r in second.ran] == [done.run_id]
+    assert {r.run_id for r in second.skipped} == {first.ran[0].run_id}
+    assert second.ok
+
+
+@pytest.mark.slow
+def test_cli_exit_status(tmp_path):
+    spec = _spec(tmp_path, [1], fail_values=[5])
+    cmd = [sys.executable, "-m", "chexlib.cli", "study", str(spec), "--outputs", str(tmp_path / "o")]
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
+    assert dry.returncode == 0 and "3 runs, 0 already complete" in dry.stdout
+    res = subprocess.run(cmd + ["--no-html"], capture_output=True, text=True)
+    assert res.returncode == 1 and "failed: broken/value-5_" in res.stdout
+    again = subprocess.run(cmd + ["--only", "square"], capture_output=True, text=True)
+    assert again.returncode == 0 and "1 already complete, 0 to run" in again.stdout
