@@ -105,3 +105,52 @@ def write_run_record(run_dir: str | Path, params, metrics: dict) -> None:
     write_json(run_dir / "params.json", params)
     metrics = {**metrics, "environment": metrics.get("environment") or environment_info()}
     write_json(run_dir / "metrics.json", metrics)
+
+
+# --- collecting a study ------------------------------------------------------
+
+
+def _flatten(prefix: str, value, into: dict) -> None:
+    """Scalars stay; dicts become ``prefix.key`` columns; lists are left out."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, into)
+    elif not isinstance(value, list):
+        into[prefix] = value
+
+
+def collect_runs(study_dir: str | Path) -> list[dict]:
+    """Every complete run under ``study_dir/<stage>/<run_id>/`` as a nested record.
+
+    Each record has ``stage``, ``run_id``, ``run_dir``, ``parameters`` (what
+    papermill passed), and the run's own ``params`` and ``metrics`` JSON.
+    """
+    records = []
+    for marker in sorted(Path(study_dir).glob("*/*/run.json")):
+        run = read_json(marker)
+        metrics_path = marker.parent / "metrics.json"
+        if run.get("status") != "complete" or not metrics_path.is_file():
+            continue
+        params_path = marker.parent / "params.json"
+        records.append({
+            "stage": marker.parent.parent.name,
+            "run_id": marker.parent.name,
+            "run_dir": str(marker.parent),
+            "parameters": run.get("parameters", {}),
+            "params": read_json(params_path) if params_path.is_file() else {},
+            "metrics": read_json(metrics_path),
+        })
+    return records
+
+
+def runs_table(records: list[dict]):
+    """One tidy row per run: stage, run id, parameters and scalar metrics (dotted keys)."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        row = {"stage": rec["stage"], "run_id": rec["run_id"]}
+        _flatten("", {k: v for k, v in rec["parameters"].items() if k != "OUTPUT_DIR"}, row)
+        _flatten("", rec["metrics"], row)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -7,6 +7,7 @@
 # extra pulls a TensorFlow release Horovod 0.28.1 cannot build against
 # (horovod issue #4290).
 set -euo pipefail
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}  # quiet TensorFlow start-up logs
 VENV=${1:-.venv}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 CONSTRAINTS="$HERE/requirements/constraints.txt"
