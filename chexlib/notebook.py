@@ -36,6 +36,7 @@ def run_notebook(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     env_kernel = os.environ.get("CHEXLIB_KERNEL")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # kernels inherit it: quiet TF start-up
     pm.execute_notebook(
         str(source),
         str(output),

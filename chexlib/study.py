@@ -10,6 +10,9 @@ stage is a notebook and a parameter grid::
         notebook: 04_distributed_training
         parameters: {DATA_DIR: "{data}", EPOCHS: 2}   # fixed for every run
         grid: {MODEL: [densenet121, resnet50], RANKS: [1, 2]}   # cartesian product
+        cases:                    # optional: values that go together, crossed with the grid
+          - {SOURCE: raw}
+          - {SOURCE: records, RECORDS_DIR: "{study_dir}/records/png-w2", _label: png-records}
 
 Every run gets a stable id from its parameters and executes into
 ``outputs/<study>/<stage>/<run_id>/`` (executed notebook, HTML rendering,
@@ -54,6 +57,7 @@ class Run:
     notebook: str
     parameters: dict
     run_dir: Path
+    html_name: str | None = None  # name of the HTML rendering; default: the notebook's
 
     @property
     def run_id(self) -> str:
@@ -136,6 +140,11 @@ def load_spec(path: str | Path) -> dict:
         for key in ("parameters", "grid"):
             if not isinstance(stage.get(key, {}), dict):
                 raise SpecError(f"{where} ({stage['name']}): '{key}' must be a mapping")
+        if "output_dir" in stage and (stage.get("grid") or len(stage.get("cases", [{}])) > 1):
+            raise SpecError(f"{where} ({stage['name']}): 'output_dir' is for one-run stages only")
+        cases = stage.get("cases", [{}])
+        if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
+            raise SpecError(f"{where} ({stage['name']}): 'cases' must be a non-empty list of mappings")
         if "/" in stage["notebook"]:  # a path: relative to the specification's folder
             stage["notebook"] = str((path.parent / stage["notebook"]).resolve())
         bad = [k for k, v in stage.get("grid", {}).items() if not isinstance(v, list) or not v]
@@ -150,20 +159,35 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
     outputs = Path(outputs).resolve()
     study_dir = outputs / spec["name"]
     variables = {"outputs": outputs, "study_dir": study_dir, "repo": REPO}
+    # Cluster-specific values come from the environment, so one spec runs anywhere.
     variables["hosts"] = os.environ.get("CHEXLIB_HOSTS", spec.get("hosts", "") or "")
+    variables["data_env"] = os.environ.get("CHEXLIB_DATA", str(outputs / "data" / "nih"))
     for name, value in (spec.get("vars") or {}).items():
         variables[name] = _substitute(value, variables, f"{spec['_path']} vars.{name}")
+    stage_dirs = {str(study_dir / stage["name"]) for stage in spec["stages"]}
+    clash = [f"{k}={v}" for k, v in variables.items() if str(v).rstrip("/") in stage_dirs]
+    if clash:
+        raise SpecError(f"{spec['_path']}: vars {clash} point into a stage's run folder; rename them")
     runs = []
     for stage in spec["stages"]:
         where = f"{spec['_path']} stage {stage['name']}"
         fixed = _substitute(stage.get("parameters", {}), variables, where)
         grid = _substitute(stage.get("grid", {}), variables, where)
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            params = {**fixed, **dict(zip(keys, combo, strict=True))}
-            run_dir = study_dir / stage["name"] / run_id(params, keys)
+        cases = _substitute(stage.get("cases", [{}]), variables, where)
+        for case, combo in itertools.product(cases, itertools.product(*grid.values())):
+            label = case.get("_label")  # names a case in run ids; not a notebook parameter
+            varied = {k: v for k, v in case.items() if k != "_label"}
+            varied.update(zip(grid, combo, strict=True))
+            params = {**fixed, **varied}
+            # Ids show short values only (paths would make them unreadable).
+            shown = [k for k, v in varied.items() if "/" not in str(v) and not (label and k in case)]
+            rid = run_id(params, shown)
+            run_dir = study_dir / stage["name"] / (f"{label}_{rid}" if label else rid)
+            if "output_dir" in stage:  # a one-run stage writing to a fixed folder (the summary)
+                run_dir = Path(_substitute(stage["output_dir"], variables, where))
             params["OUTPUT_DIR"] = str(run_dir)
-            runs.append(Run(spec["name"], stage["name"], stage["notebook"], params, run_dir))
+            runs.append(Run(spec["name"], stage["name"], stage["notebook"], params, run_dir,
+                            stage.get("html")))
     return runs
 
 
@@ -174,6 +198,7 @@ def execute(run: Run, html: bool = True) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     record = {"stage": run.stage, "notebook": run.notebook, "parameters": _canonical(run.parameters)}
     write_json(run.run_dir / "run.json", {**record, "status": "running"})
+    html_path = run.run_dir / (run.html_name or f"{run.executed.stem}.html")
     start = time.time()
     try:
         run_notebook(run.notebook, run.executed, run.parameters, cwd=run.run_dir)
@@ -183,17 +208,17 @@ def execute(run: Run, html: bool = True) -> None:
         raise
     finally:
         if html and run.executed.exists():
-            render_html(run.executed)
+            render_html(run.executed, html_path)
     write_json(run.run_dir / "run.json", {**record, "status": "complete", "seconds": time.time() - start})
 
 
-def render_html(notebook: Path) -> Path:
-    """An HTML rendering beside the executed notebook, for reviewers."""
+def render_html(notebook: Path, target: Path | None = None) -> Path:
+    """An HTML rendering of an executed notebook (beside it by default), for reviewers."""
     import nbformat
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    target = notebook.with_suffix(".html")
+    target = target or notebook.with_suffix(".html")
     target.write_text(body)
     return target
 

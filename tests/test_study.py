@@ -90,3 +90,17 @@ def test_cli_exit_status(tmp_path):
     assert res.returncode == 1 and "failed: broken/value-5_" in res.stdout
     again = subprocess.run(cmd + ["--only", "square"], capture_output=True, text=True)
     assert again.returncode == 0 and "1 already complete, 0 to run" in again.stdout
+
+
+def test_cases_cross_the_grid_and_label_run_ids(tmp_path):
+    spec_path = tmp_path / "cases.yaml"
+    spec_path.write_text(
+        "stages:\n  - name: s\n    notebook: n\n    grid: {B: [1, 2]}\n"
+        "    cases:\n      - {A: '{study_dir}/x', _label: first}\n      - {A: plain}\n"
+    )
+    runs = expand(load_spec(spec_path), tmp_path / "out")
+    assert [(r.parameters["A"].split("/")[-1], r.parameters["B"]) for r in runs] == [
+        ("x", 1), ("x", 2), ("plain", 1), ("plain", 2)
+    ]
+    assert all("_label" not in r.parameters for r in runs)
+    assert runs[0].run_id.startswith("first_b-1_") and runs[2].run_id.startswith("a-plain_b-1_")
