@@ -180,7 +180,8 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
             varied.update(zip(grid, combo, strict=True))
             params = {**fixed, **varied}
             # Ids show short values only (paths would make them unreadable).
-            shown = [k for k, v in varied.items() if "/" not in str(v) and not (label and k in case)]
+            shown = [k for k, v in varied.items()
+                     if "/" not in str(v) and not (label and str(v) in label.split("-"))]
             rid = run_id(params, shown)
             run_dir = study_dir / stage["name"] / (f"{label}_{rid}" if label else rid)
             if "output_dir" in stage:  # a one-run stage writing to a fixed folder (the summary)

@@ -1,0 +1,159 @@
+"""Disaggregated preprocessing: a tf.data service dispatcher and workers.
+
+When a node's CPUs cannot decode images as fast as its accelerators train,
+more CPUs on OTHER hosts can do it: the tf.data service runs the input
+pipeline on worker processes and streams finished batches to the trainer.
+``chexlib.pipeline.build_dataset(..., data_service=ADDRESS)`` reads through
+one. The workers open the image files by the paths in the pipeline, so on a
+cluster they need the same shared file system as the trainer.
+
+On one machine (tests, notebooks)::
+
+    with start_local_service(n_workers=2) as service:
+        ds = build_dataset("raw", "train", metadata=md, data_service=service.address)
+
+On a cluster, one dispatcher and one worker per CPU host::
+
+    python -m chexlib.dataservice dispatcher --port 5050
+    python -m chexlib.dataservice worker --dispatcher HOST:5050 --port 5051
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+READY = "READY"  # first line a server process prints, followed by its address
+
+
+class LocalService:
+    """A dispatcher and ``n_workers`` workers running as child processes.
+
+    Use as a context manager (``with start_local_service(2) as s:``); the
+    processes end on exit. ``address`` is what ``build_dataset`` takes.
+    """
+
+    def __init__(self, n_workers: int = 2, port: int = 0, timeout: float = 120.0):
+        if n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, not {n_workers}")
+        self.n_workers, self.port, self.timeout = n_workers, port, timeout
+        self.address: str | None = None
+        self.worker_addresses: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+        self._logdir = Path(tempfile.mkdtemp(prefix="chexlib-dataservice-"))
+
+    def start(self) -> LocalService:
+        self.address = self._spawn("dispatcher", ["--port", str(self.port)])
+        dispatcher = self.address.removeprefix("grpc://")
+        for i in range(self.n_workers):
+            self.worker_addresses.append(self._spawn(f"worker{i}", ["--dispatcher", dispatcher]))
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> str:
+        role = "dispatcher" if name == "dispatcher" else "worker"
+        log = open(self._logdir / f"{name}.log", "w")  # noqa: SIM115 - the child owns it
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chexlib.dataservice", role, *args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
+        log.close()
+        self._procs.append(proc)
+        line = _read_line(proc, self.timeout)
+        if not line.startswith(READY):
+            self.stop()
+            tail = (self._logdir / f"{name}.log").read_text()[-2000:]
+            raise RuntimeError(
+                f"tf.data service {name} did not start (exit {proc.poll()}):\n{tail}"
+            )
+        return line.split()[1]
+
+    def stop(self) -> None:
+        """End the worker processes, then the dispatcher."""
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        self._procs.clear()
+
+    def __enter__(self) -> LocalService:
+        return self.start() if not self._procs else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """First stdout line of a child, or "" if it exits or takes longer than ``timeout``."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(timeout=0.5):
+            return proc.stdout.readline().strip()
+        if proc.poll() is not None:
+            return ""
+    return ""
+
+
+def start_local_service(n_workers: int = 2, port: int = 0, timeout: float = 120.0) -> LocalService:
+    """Start a dispatcher and ``n_workers`` workers on this machine; returns a context manager.
+
+    Args:
+        n_workers: worker processes (each runs whole input pipelines).
+        port: dispatcher port; 0 picks a free one.
+        timeout: seconds to wait for each process to come up.
+    """
+    return LocalService(n_workers, port, timeout).start()
+
+
+def serve(role: str, port: int = 0, dispatcher: str | None = None) -> None:
+    """Run one dispatcher or worker in this process until it is terminated."""
+    import tensorflow as tf
+
+    service = tf.data.experimental.service
+    if role == "dispatcher":
+        server = service.DispatchServer(service.DispatcherConfig(port=port))
+        address = server.target
+    else:
+        server = service.WorkerServer(
+            service.WorkerConfig(dispatcher_address=dispatcher, port=port)
+        )
+        address = f"grpc://{server._address}"  # the bound port (port=0 picks one)
+    print(READY, address, flush=True)
+    server.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m chexlib.dataservice", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("role", choices=("dispatcher", "worker"))
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    parser.add_argument("--dispatcher", default=None, help="HOST:PORT of the dispatcher (workers)")
+    args = parser.parse_args(argv)
+    if args.role == "worker" and not args.dispatcher:
+        parser.error("a worker needs --dispatcher HOST:PORT")
+    serve(args.role, args.port, args.dispatcher)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

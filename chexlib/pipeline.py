@@ -1,0 +1,638 @@
+"""tf.data input pipelines for CheXNet: naive and optimized, from PNG files or TFRecords.
+
+Every dataset built here goes through ONE preprocessing path
+(:func:`preprocess_image`), whatever the source and the pipeline:
+
+1. decode to one 8-bit channel, whatever the stored layout (RGB, RGBA and
+   16-bit PNGs included; JPEG and raw records too);
+2. resize to the model's input size (bilinear with antialiasing), rounded back
+   to ``uint8`` so a cached image is bit-identical to a freshly decoded one;
+3. random horizontal flip, in training only;
+4. normalise ONCE as the model's ImageNet weights expect (the poster's code
+   divided by 255 twice) and replicate the channel to three: with a grey image
+   the per-channel affine map is applied to one channel and broadcast, which
+   is three times cheaper than normalising three copies.
+
+Two pipelines differ only in how the work is scheduled:
+
+* ``naive`` (what the poster calls naive): list files, shard, shuffle the
+  files (training), read the records one file after another, shuffle records
+  (training), repeat, decode and preprocess elements ONE AT A TIME
+  (``map`` without ``num_parallel_calls``), batch at the end, and no prefetch
+  anywhere. TensorFlow 2.x would silently parallelise the map and add a final
+  prefetch (the ``map_parallelization`` and ``inject_prefetch`` rewrites), so
+  the naive pipeline switches those rewrites off to stay what it says.
+* ``optimized``: the TensorFlow official-models recipe. Per-file stage: shard
+  by worker BEFORE shuffling, shuffle file names (training only), parallel
+  interleave of the record files, prefetch. Per-record stage: shuffle records
+  (training only), repeat, parallel map (parse + preprocess), batch with
+  static shapes (TF fuses map and batch), final prefetch; options for a
+  private thread pool, one thread per op, slack and non-determinism. Each
+  step is a keyword switch of :func:`build_dataset` (see
+  :data:`OPTIMIZED_STEPS`), so an ablation can turn one off at a time.
+
+Beyond the poster: ``cache`` keeps decoded, resized images in memory or in a
+local file after the first epoch, and ``data_service`` reads the batches
+through a tf.data service (``chexlib.dataservice``), whose workers may run on
+other hosts: the answer when a node's CPUs cannot feed its accelerators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from chexlib.data import LABELS, SPLITS, DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+SOURCES = ("raw", "records")
+PIPELINES = ("naive", "optimized")
+SERVICE_MODES = ("distributed_epoch", "parallel_epochs")
+# model -> normalisation of its tf.keras.applications ImageNet weights
+NORMALIZATION = {"densenet121": "torch", "resnet50": "caffe"}
+_TORCH_MEAN = (0.485, 0.456, 0.406)  # RGB, on [0, 1]
+_TORCH_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # BGR, on [0, 255]
+# TFRecordDataset read buffer, as in the official ImageNet input function.
+READ_BUFFER_BYTES = 8 * 1000 * 1000
+
+# The optimized recipe's speed steps and the switch that turns each one off:
+# what the ablation (chexlib.bench.ablation) removes one at a time.
+OPTIMIZED_STEPS: dict[str, dict] = {
+    "parallel-interleave": {"interleave": False},
+    "read-prefetch": {"prefetch_records": False},
+    "parallel-map": {"parallel_map": False},
+    "final-prefetch": {"final_prefetch": False},
+    "single-thread-ops": {"max_intra_op_parallelism": 0},
+    "slack": {"slack": False},
+    "nondeterminism": {"deterministic": True},
+}
+# Steps that only exist when reading record files.
+RECORD_ONLY_STEPS = ("parallel-interleave", "read-prefetch")
+
+
+def steps_for(source: str) -> list[str]:
+    """Names of the :data:`OPTIMIZED_STEPS` that act on ``source``."""
+    return [s for s in OPTIMIZED_STEPS if source == "records" or s not in RECORD_ONLY_STEPS]
+
+
+def without_steps(*steps: str) -> dict:
+    """Keyword switches of :func:`build_dataset` that turn ``steps`` off."""
+    switches: dict = {}
+    for step in steps:
+        if step not in OPTIMIZED_STEPS:
+            raise ValueError(f"unknown step {step!r}; expected one of {tuple(OPTIMIZED_STEPS)}")
+        switches.update(OPTIMIZED_STEPS[step])
+    return switches
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every knob of :func:`build_dataset`; defaults are the official recipe.
+
+    Attributes:
+        pipeline: ``"naive"`` or ``"optimized"`` (see the module docstring).
+        batch_size: images per batch (per worker).
+        image_size: side of the square model input, in pixels.
+        training: training dataset (shuffled, flipped, repeated, static
+            batch) or evaluation (every image once, in order). None: the
+            split is ``"train"``.
+        model: ``"densenet121"`` or ``"resnet50"``; picks the normalisation.
+        num_shards: number of workers reading disjoint parts (Horovod ranks).
+        shard_index: this worker's part, ``0 <= shard_index < num_shards``.
+        seed: seed of the file/record shuffles and of the flips.
+        cache: None, ``"memory"``, or a folder for a cache file of the
+            decoded, resized images (filled during the first epoch).
+        data_service: ``"grpc://host:port"`` of a tf.data service dispatcher
+            to preprocess on its workers (training only), or None.
+        data_service_mode: ``"distributed_epoch"`` (the workers split each
+            epoch's files between them: every image once per epoch) or
+            ``"parallel_epochs"`` (each worker runs the whole dataset with its
+            own fresh random seed; not reproducible).
+        shuffle_files: shuffle the file list in training (optimized and naive).
+        interleave: read record files in parallel with ``interleave``.
+        cycle_length: record files read at once by the interleave.
+        prefetch_records: prefetch after the per-file (read) stage.
+        shuffle_buffer: records in the shuffle buffer (training; 0: none).
+        parallel_map: preprocess elements in parallel (else one at a time).
+        map_parallelism: parallel calls of the map; None lets AUTOTUNE pick.
+        final_prefetch: prefetch batches at the end of the pipeline.
+        prefetch_batches: size of that prefetch; None lets AUTOTUNE pick.
+        private_threadpool_size: threads of a private tf.data pool (0: the
+            shared TensorFlow pool).
+        max_intra_op_parallelism: threads one op may use. None: 1 for
+            optimized (the official recipe: many images in parallel, each op
+            on one thread, favours throughput over latency), TensorFlow's
+            default for naive; 0: TensorFlow's default. 1 with
+            ``private_threadpool_size=1`` pins a naive pipeline to one core.
+        slack: ``experimental_slack`` (lets the final prefetch lag a little
+            to avoid stalls when several pipelines share the CPU).
+        deterministic: keep element order in parallel stages; None: False in
+            training (faster), True in evaluation (order is part of its contract).
+        read_buffer_bytes: read buffer of each TFRecordDataset.
+        return_names: yield ``(images, labels, names)`` with the file names.
+    """
+
+    pipeline: str = "optimized"
+    batch_size: int = 32
+    image_size: int = 224
+    training: bool | None = None
+    model: str = "densenet121"
+    num_shards: int = 1
+    shard_index: int = 0
+    seed: int = 0
+    cache: str | None = None
+    data_service: str | None = None
+    data_service_mode: str = "distributed_epoch"
+    shuffle_files: bool = True
+    interleave: bool = True
+    cycle_length: int = 10
+    prefetch_records: bool = True
+    shuffle_buffer: int = 1024
+    parallel_map: bool = True
+    map_parallelism: int | None = None
+    final_prefetch: bool = True
+    prefetch_batches: int | None = None
+    private_threadpool_size: int = 0
+    max_intra_op_parallelism: int | None = None
+    slack: bool = True
+    deterministic: bool | None = None
+    read_buffer_bytes: int = READ_BUFFER_BYTES
+    return_names: bool = False
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"PipelineConfig: {message}")
+
+        check(
+            self.pipeline in PIPELINES,
+            f"pipeline must be one of {PIPELINES}, not {self.pipeline!r}",
+        )
+        check(self.batch_size >= 1, f"batch_size must be >= 1, not {self.batch_size}")
+        check(self.image_size >= 8, f"image_size must be >= 8, not {self.image_size}")
+        check(
+            self.model in NORMALIZATION,
+            f"model must be one of {tuple(NORMALIZATION)}, not {self.model!r}",
+        )
+        check(self.num_shards >= 1, f"num_shards must be >= 1, not {self.num_shards}")
+        check(
+            0 <= self.shard_index < self.num_shards,
+            f"shard_index {self.shard_index} not in [0, {self.num_shards})",
+        )
+        check(
+            self.data_service_mode in SERVICE_MODES,
+            f"data_service_mode must be one of {SERVICE_MODES}",
+        )
+        check(self.cycle_length >= 1, "cycle_length must be >= 1")
+        check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
+        check(self.private_threadpool_size >= 0, "private_threadpool_size must be >= 0")
+        check(
+            self.max_intra_op_parallelism is None or self.max_intra_op_parallelism >= 0,
+            "max_intra_op_parallelism must be None or >= 0",
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def random_seed(self) -> int | None:
+        """Seed of shuffles and flips; None (fresh randomness) when every
+        tf.data service worker runs the whole dataset, or they would all
+        produce the same stream."""
+        shared = self.data_service and self.data_service_mode == "parallel_epochs"
+        return None if shared else self.seed
+
+    def effective(self, split: str) -> PipelineConfig:
+        """The settings actually used for ``split``: naive and evaluation overrides applied."""
+        training = (split == "train") if self.training is None else self.training
+        changes: dict = {"training": training}
+        if self.max_intra_op_parallelism is None:
+            changes["max_intra_op_parallelism"] = 1 if self.pipeline == "optimized" else 0
+        if self.pipeline == "naive":  # the poster's naive pipeline: every speed step off
+            changes.update(
+                interleave=False,
+                prefetch_records=False,
+                parallel_map=False,
+                final_prefetch=False,
+                slack=False,
+                deterministic=True,
+            )
+        if not training:  # every image once, in order: no shuffle, sequential reads
+            changes.update(
+                shuffle_files=False, shuffle_buffer=0, interleave=False, deterministic=True
+            )
+        elif changes.get("deterministic", self.deterministic) is None:
+            changes["deterministic"] = False
+        return dataclasses.replace(self, **changes)
+
+
+# --- preprocessing: the one shared path ----------------------------------------
+
+
+def normalization_for(model: str) -> str:
+    """``"torch"`` for densenet121, ``"caffe"`` for resnet50, as their Keras weights expect."""
+    try:
+        return NORMALIZATION[model]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {model!r}; expected one of {tuple(NORMALIZATION)}"
+        ) from None
+
+
+def _affine(model: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per output channel so that ``out = pixel * scale + offset``, pixel in [0, 255]."""
+    if normalization_for(model) == "torch":  # (x / 255 - mean) / std, channels RGB
+        std = np.array(_TORCH_STD)
+        return 1.0 / (255.0 * std), -np.array(_TORCH_MEAN) / std
+    # caffe: RGB -> BGR then minus the BGR mean; a grey image is the same in RGB and BGR
+    return np.ones(3), -np.array(_CAFFE_MEAN_BGR)
+
+
+def decode_png_gray(encoded: tf.Tensor) -> tf.Tensor:
+    """PNG bytes -> ``uint8 [H, W, 1]`` (RGB/RGBA reduced to luma, 16-bit scaled to 8)."""
+    return tf.io.decode_png(encoded, channels=1, dtype=tf.uint8)
+
+
+def decode_gray(encoded: tf.Tensor, image_format: str, height=None, width=None) -> tf.Tensor:
+    """Decode ``png``, ``jpeg`` or ``raw`` (one uint8 channel, ``height*width`` bytes) to ``[H, W, 1]``."""
+    if image_format == "png":
+        return decode_png_gray(encoded)
+    if image_format == "jpeg":
+        return tf.io.decode_jpeg(encoded, channels=1)
+    if image_format == "raw":
+        flat = tf.io.decode_raw(encoded, tf.uint8)
+        return tf.reshape(flat, tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32), 1]))
+    raise ValueError(f"unknown image format {image_format!r}; expected png, jpeg or raw")
+
+
+def resize_gray(gray: tf.Tensor, image_size: int) -> tf.Tensor:
+    """``uint8 [H, W, 1]`` -> ``uint8 [S, S, 1]``: bilinear with antialiasing, rounded."""
+    resized = tf.image.resize(gray, [image_size, image_size], method="bilinear", antialias=True)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(resized, [image_size, image_size, 1])
+
+
+def normalize_gray(resized: tf.Tensor, model: str, training: bool, seed=None) -> tf.Tensor:
+    """``uint8 [S, S, 1]`` -> ``float32 [S, S, 3]``: flip (training), normalise once, replicate.
+
+    Args:
+        resized: output of :func:`resize_gray`.
+        model: picks the normalisation (:func:`normalization_for`).
+        training: flip left-right at random (never in evaluation).
+        seed: shape-[2] integer seed of a stateless (reproducible) flip; None
+            uses TensorFlow's stateful random flip.
+    """
+    image = tf.cast(resized, tf.float32)
+    if training:
+        if seed is None:
+            image = tf.image.random_flip_left_right(image)
+        else:
+            image = tf.image.stateless_random_flip_left_right(image, seed=seed)
+    scale, offset = _affine(model)
+    size = resized.shape[0]
+    return tf.ensure_shape(
+        image * tf.constant(scale, tf.float32) + tf.constant(offset, tf.float32),
+        [size, resized.shape[1], 3],
+    )
+
+
+def preprocess_image(
+    gray, image_size: int, model: str = "densenet121", training: bool = False, seed=None
+) -> tf.Tensor:
+    """The ONE preprocessing path: ``uint8 [H, W, 1]`` -> ``float32 [S, S, 3]``.
+
+    Resize (:func:`resize_gray`), then flip in training and normalise once
+    for ``model`` (:func:`normalize_gray`). ``seed`` is a shape-[2] seed of
+    the flip, or None for a stateful random flip.
+    """
+    gray = tf.convert_to_tensor(gray)
+    if gray.shape.rank == 2:
+        gray = gray[..., tf.newaxis]
+    return normalize_gray(resize_gray(gray, image_size), model, training, seed)
+
+
+# --- sources: the per-file stage -------------------------------------------------
+
+
+def split_table(metadata, split: str):
+    """Rows of ``split`` in metadata order; every row must have a file."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if metadata is None:
+        raise ValueError("source='raw' needs metadata (chexlib.data.load_metadata) or data_dir")
+    rows = metadata[metadata["split"] == split]
+    if rows.empty:
+        raise DataError(f"split {split!r} has no images")
+    missing = rows.loc[rows["path"].isna(), "image"].tolist()
+    if missing:
+        raise DataError(
+            f"split {split!r}: {len(missing)} image(s) have no file, e.g. {missing[:5]}"
+        )
+    return rows
+
+
+def _raw_items(metadata, split: str, cfg: PipelineConfig) -> tf.data.Dataset:
+    """(path, labels, name) per image of the split, sharded by worker, shuffled in training."""
+    rows = split_table(metadata, split)
+    labels = rows[list(LABELS)].to_numpy(dtype=np.float32)
+    items = tf.data.Dataset.from_tensor_slices(
+        (rows["path"].astype(str).tolist(), labels, rows["image"].astype(str).tolist())
+    )
+    items = items.shard(cfg.num_shards, cfg.shard_index)  # before any shuffle
+    if cfg.training and cfg.shuffle_files:
+        n = -(-len(rows) // cfg.num_shards)  # the whole shard: a perfect shuffle of names
+        items = items.shuffle(n, seed=cfg.random_seed, reshuffle_each_iteration=True)
+    return items
+
+
+def _records_module():
+    from chexlib import records
+
+    return records
+
+
+def record_format(records_dir) -> str | None:
+    """``"png"``, ``"jpeg"`` or ``"raw"`` from the records' manifest; None if it does not say."""
+    try:
+        return _records_module().read_manifest(records_dir).get("format")
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def record_files(records_dir, split: str) -> list[str]:
+    """Sorted shard files of ``split``; an error names the folder when there are none."""
+    files = [str(f) for f in _records_module().list_shards(records_dir, split)]
+    if not files:
+        raise DataError(f"{records_dir}: no TFRecord shards for split {split!r}")
+    return files
+
+
+def _record_items(records_dir, split: str, cfg: PipelineConfig) -> tf.data.Dataset:
+    """Serialized records of the split: files sharded then shuffled, read (interleaved), prefetched."""
+    files = record_files(records_dir, split)
+    per_file = len(files) >= cfg.num_shards
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if per_file:  # the official recipe: each worker reads its own files
+        ds = ds.shard(cfg.num_shards, cfg.shard_index)
+        if cfg.training and cfg.shuffle_files:
+            ds = ds.shuffle(len(files), seed=cfg.random_seed, reshuffle_each_iteration=True)
+
+    def read(filename):
+        return tf.data.TFRecordDataset(filename, buffer_size=cfg.read_buffer_bytes)
+
+    if cfg.interleave and per_file:
+        ds = ds.interleave(
+            read,
+            cycle_length=cfg.cycle_length,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=cfg.deterministic,
+        )
+    else:  # one file after another, in order
+        ds = ds.flat_map(read)
+    if not per_file:  # fewer files than workers: every worker reads all, keeps every n-th record
+        ds = ds.shard(cfg.num_shards, cfg.shard_index)
+    if cfg.prefetch_records:
+        ds = ds.prefetch(AUTOTUNE)
+    return ds
+
+
+def _parse_record(serialized):
+    return _records_module().parse_example(serialized)
+
+
+def _record_decoder(image_format: str | None):
+    """serialized record -> (gray uint8 [H, W, 1], labels float32 [14], name)."""
+
+    def decode(serialized):
+        ex = _parse_record(serialized)
+        encoded, height, width = ex["image/encoded"], ex["image/height"], ex["image/width"]
+        if image_format is not None:
+            gray = decode_gray(encoded, image_format, height, width)
+        else:  # the manifest does not say: choose per record
+            fmt = ex["image/format"]
+            gray = tf.case(
+                [
+                    (tf.equal(fmt, b"raw"), lambda: decode_gray(encoded, "raw", height, width)),
+                    (tf.equal(fmt, b"jpeg"), lambda: decode_gray(encoded, "jpeg")),
+                ],
+                default=lambda: decode_gray(encoded, "png"),
+            )
+        labels = tf.cast(tf.reshape(ex["image/label"], [len(LABELS)]), tf.float32)
+        return gray, labels, ex["image/filename"]
+
+    return decode
+
+
+def _raw_decoder(path, labels, name):
+    return decode_png_gray(tf.io.read_file(path)), labels, name
+
+
+# --- the builder -----------------------------------------------------------------
+
+
+def _options(cfg: PipelineConfig) -> tf.data.Options:
+    opts = tf.data.Options()
+    opts.deterministic = bool(cfg.deterministic)
+    opts.experimental_slack = bool(cfg.slack and cfg.final_prefetch)
+    # TF 2.x rewrites a sequential map into a parallel one and appends a
+    # prefetch on its own; a step that is switched off must stay off.
+    opts.experimental_optimization.map_parallelization = cfg.parallel_map
+    opts.experimental_optimization.inject_prefetch = cfg.final_prefetch
+    if cfg.private_threadpool_size:
+        opts.threading.private_threadpool_size = cfg.private_threadpool_size
+    if cfg.max_intra_op_parallelism:
+        opts.threading.max_intra_op_parallelism = cfg.max_intra_op_parallelism
+    return opts
+
+
+def _cache_file(cfg: PipelineConfig, source: str, split: str, inputs: list[str]) -> str:
+    """A cache file named by everything that decides its content, so a stale one is never read."""
+    import hashlib
+
+    folder = Path(cfg.cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:12]
+    name = f"{source}-{split}-{cfg.image_size}px-shard{cfg.shard_index}of{cfg.num_shards}-{digest}"
+    return str(folder / name)
+
+
+def _inputs_of(source: str, split: str, metadata, records_dir) -> list[str]:
+    """What a cache depends on: the image files, or the record files and their conversion key."""
+    if source == "raw":
+        return split_table(metadata, split)["path"].astype(str).tolist()
+    try:
+        key = str(_records_module().read_manifest(records_dir).get("key", ""))
+    except (OSError, ValueError):
+        key = ""
+    return [key, *record_files(records_dir, split)]
+
+
+def build_dataset(
+    source: str,
+    split: str,
+    *,
+    metadata=None,
+    data_dir=None,
+    records_dir=None,
+    **settings,
+) -> tf.data.Dataset:
+    """A tf.data pipeline of ``(images, labels)`` batches for one split.
+
+    Args:
+        source: ``"raw"`` (PNG files listed in ``metadata``) or ``"records"``
+            (TFRecords in ``records_dir``, either variant).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        metadata: table from :func:`chexlib.data.load_metadata` (raw source).
+        data_dir: dataset folder, loaded with ``load_metadata`` when
+            ``metadata`` is None (raw source).
+        records_dir: folder of ``{split}-*.tfrecord`` shards (records source).
+        **settings: any field of :class:`PipelineConfig` (pipeline,
+            batch_size, image_size, training, model, num_shards,
+            shard_index, seed, cache, data_service, and each step switch).
+
+    Returns:
+        Training (``training=True``): repeats forever, shuffled, flipped,
+        ``float32 [B, S, S, 3]`` images and ``float32 [B, 14]`` labels with a
+        static batch dimension (the remainder of each pass is not lost: the
+        data repeats, so it starts the next batch). Evaluation
+        (``training=False``): every image of this worker's part exactly
+        once, in order (metadata order for raw files; shard file order, then
+        record order, for records), no flip; the LAST BATCH MAY BE SMALLER,
+        so the batch dimension is None. With ``return_names`` a third
+        element holds the file names.
+    """
+    cfg = PipelineConfig(**settings).effective(split)
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    if cfg.data_service and not cfg.training:
+        raise ValueError(
+            "data_service is for training: service workers do not keep evaluation order"
+        )
+    if source == "raw":
+        if metadata is None and data_dir is not None:
+            from chexlib.data import load_metadata
+
+            metadata = load_metadata(data_dir)
+        items, decode = _raw_items(metadata, split, cfg), _raw_decoder
+    else:
+        if records_dir is None:
+            raise ValueError("source='records' needs records_dir")
+        items, decode = (
+            _record_items(records_dir, split, cfg),
+            _record_decoder(record_format(records_dir)),
+        )
+    cache_file = None
+    if cfg.cache and cfg.cache != "memory":
+        cache_file = _cache_file(
+            cfg, source, split, _inputs_of(source, split, metadata, records_dir)
+        )
+    ds = _per_record_stage(items, decode, cfg, cache_file, records=source == "records")
+    # Options hold for the whole pipeline; set before the final prefetch, which
+    # the slack rewrite must find as the last transformation.
+    ds = ds.with_options(_options(cfg))
+    if cfg.data_service:  # the service workers run everything above
+        ds = ds.apply(
+            tf.data.experimental.service.distribute(
+                processing_mode=cfg.data_service_mode, service=cfg.data_service
+            )
+        )
+        ds = ds.with_options(_options(cfg))
+    if cfg.final_prefetch:
+        ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
+    return ds
+
+
+def _per_record_stage(
+    items, decode, cfg: PipelineConfig, cache_file: str | None, records: bool
+) -> tf.data.Dataset:
+    """Shuffle records, repeat, preprocess (optionally cached), batch."""
+    calls = (cfg.map_parallelism or AUTOTUNE) if cfg.parallel_map else None
+    det = cfg.deterministic if cfg.parallel_map else None
+    size, model, training = cfg.image_size, cfg.model, cfg.training
+    # raw file names are already shuffled as a whole; records are shuffled in a buffer
+    shuffle_records = training and cfg.shuffle_buffer > 0 and records
+    ds = items
+    if cfg.cache:  # decode + resize once, keep the uint8 images; flip and normalise each epoch
+        ds = ds.map(
+            lambda *e: _decode_resize(decode, size, *e), num_parallel_calls=calls, deterministic=det
+        )
+        ds = ds.cache(cache_file or "")  # "": in memory
+        if training and cfg.shuffle_buffer > 0:
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.random_seed, reshuffle_each_iteration=True)
+    elif shuffle_records:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.random_seed, reshuffle_each_iteration=True)
+    seeded = training and cfg.random_seed is not None
+    if training:
+        ds = ds.repeat()
+    if seeded:
+        ds = ds.enumerate()  # element index: with the seed, the seed of its flip
+    base = (cfg.random_seed or 0) * 1_000_003 + cfg.shard_index
+
+    def element(*e):
+        index, e = (e[0], e[1]) if seeded else (None, e)
+        e = e if isinstance(e, tuple) else (e,)  # records: one serialized string
+        gray, labels, name = e if cfg.cache else decode(*e)
+        small = gray if cfg.cache else resize_gray(gray, size)
+        seed = tf.stack([tf.constant(base, tf.int64), index]) if seeded else None
+        image = normalize_gray(small, model, training, seed)
+        return (image, labels, name) if cfg.return_names else (image, labels)
+
+    ds = ds.map(element, num_parallel_calls=calls, deterministic=det)
+    return ds.batch(cfg.batch_size, drop_remainder=training)
+
+
+def _decode_resize(decode, size, *e):
+    gray, labels, name = decode(*e)
+    return resize_gray(gray, size), labels, name
+
+
+def count_examples(
+    source: str,
+    split: str,
+    *,
+    metadata=None,
+    data_dir=None,
+    records_dir=None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> int:
+    """Images one worker sees per pass over ``split`` (steps per epoch = this / batch size)."""
+    if source == "raw":
+        if metadata is None:
+            from chexlib.data import load_metadata
+
+            metadata = load_metadata(data_dir)
+        n = len(split_table(metadata, split))
+        return len(range(shard_index, n, num_shards))
+    files = record_files(records_dir, split)
+    counts = _records_per_file(records_dir, files)
+    if len(files) >= num_shards:
+        return sum(counts[f] for f in files[shard_index::num_shards])
+    return len(range(shard_index, sum(counts.values()), num_shards))
+
+
+def _records_per_file(records_dir, files: list[str]) -> dict[str, int]:
+    """Records per shard file, from the manifest (counted by reading when it does not say)."""
+    try:
+        shards = _records_module().read_manifest(records_dir).get("shards", [])
+        known = {str(Path(records_dir) / s["file"]): int(s["records"]) for s in shards}
+    except (OSError, ValueError, KeyError):
+        known = {}
+    return {f: known[f] if f in known else _count_records(f) for f in files}
+
+
+def _count_records(filename: str) -> int:
+    return int(tf.data.TFRecordDataset(filename).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def synthetic_dataset(batch_size: int, image_size: int, seed: int = 0) -> tf.data.Dataset:
+    """One random batch repeated forever: no input cost, so the model's throughput ceiling."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32)
+    labels = (rng.random((batch_size, len(LABELS))) < 0.1).astype(np.float32)
+    return tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(AUTOTUNE)

@@ -1,0 +1,343 @@
+"""chexlib.bench: timing windows, the limit, the simulated device, the CLI and notebook 03.
+
+Timings are not asserted (benchmarks are not tests): only that the numbers
+exist, are consistent with each other and are labelled as they should be.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from chexlib import bench
+from chexlib.cli import main
+
+TINY = dict(
+    batch_size=4, image_size=32, warmup_batches=1, batches=4, windows=2, single_core_batches=2
+)
+
+
+def fake_batches(seconds_per_batch: float, n: int = 4):
+    batch = (np.zeros((n, 2)), np.zeros((n, 14)))
+
+    def next_batch():
+        time.sleep(seconds_per_batch)
+        return batch
+
+    return next_batch
+
+
+def test_time_batches_windows_and_simulated_utilization():
+    fast = bench.time_batches(fake_batches(0.0), warmup=1, batches=6, windows=3, device_rate=200.0)
+    assert len(fast.window_rates) == 3 and fast.images == 24
+    summary = fast.summary(200.0)
+    assert summary["device"] == bench.SIMULATED and "simulated" in summary["device"]
+    assert summary["utilization"] > 0.8  # input never waits (up to sleep overhead)
+    assert summary["images_per_sec"] <= 200.0 * 1.05
+    # input slower than the device: the device starves
+    slow = bench.time_batches(fake_batches(0.04), warmup=0, batches=4, windows=2, device_rate=400.0)
+    assert slow.summary(400.0)["utilization"] < 0.5
+    assert slow.stall_sec > 0.1
+    assert "utilization" not in slow.summary(None)
+
+
+def test_bench_config_rejects_bad_settings(synth_dir):
+    with pytest.raises(ValueError, match="keras-sequence reads PNG"):
+        bench.BenchConfig(pipeline="keras-sequence", source="records", records_dir="x")
+    with pytest.raises(ValueError, match="needs data_dir"):
+        bench.BenchConfig(source="raw")
+    with pytest.raises(ValueError, match="unknown step"):
+        bench.BenchConfig(data_dir=str(synth_dir), disable=("magic",))
+    with pytest.raises(ValueError, match="device_rate"):
+        bench.BenchConfig(data_dir=str(synth_dir), device_rate=0)
+
+
+def test_measure_reports_limit_and_settings(synth_dir, synth_metadata):
+    cfg = bench.BenchConfig(
+        pipeline="optimized", data_dir=str(synth_dir), device_rate=5000.0, **TINY
+    )
+    r = bench.measure(cfg, synth_metadata)
+    for key in (
+        "pipeline",
+        "source",
+        "images_per_sec",
+        "single_core_images_per_sec",
+        "limit_images_per_sec",
+        "fraction_of_limit",
+        "utilization",
+        "cpu_count",
+        "versions",
+        "settings",
+        "pipeline_settings",
+        "images_per_sec_windows",
+        "input_stall_sec",
+    ):
+        assert key in r, key
+    assert r["limit_images_per_sec"] == pytest.approx(
+        r["cpu_count"] * r["single_core_images_per_sec"]
+    )
+    assert r["fraction_of_limit"] == pytest.approx(r["images_per_sec"] / r["limit_images_per_sec"])
+    assert r["device"] == bench.SIMULATED and 0 < r["utilization"] <= 1
+    assert r["pipeline_settings"]["parallel_map"] is True
+    assert "SIMULATED" in bench.describe(r)
+    json.dumps(r)  # serialisable as is
+
+
+def test_keras_sequence_peer_reads_the_same_files(synth_dir, synth_metadata):
+    cfg = bench.BenchConfig(
+        pipeline="keras-sequence", data_dir=str(synth_dir), keras_workers=2, **TINY
+    )
+    seq = bench.png_sequence(cfg, synth_metadata)
+    x, y = seq[0]
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32 and y.shape == (4, 14)
+    train = synth_metadata[synth_metadata["split"] == "train"]
+    assert sorted(seq.paths) == sorted(train["path"])
+    r = bench.measure(cfg, synth_metadata)
+    assert (
+        r["pipeline"] == "keras-sequence" and r["images_per_sec"] > 0 and "fraction_of_limit" in r
+    )
+
+
+def test_cli_bench_pipeline_writes_json(synth_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(
+        [
+            "bench-pipeline",
+            "--pipeline",
+            "naive",
+            "--data",
+            str(synth_dir),
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--batches",
+            "4",
+            "--windows",
+            "2",
+            "--warmup",
+            "1",
+            "--single-core-batches",
+            "2",
+            "--disable",
+            "slack",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 2  # --disable is for the optimized pipeline
+    code = main(
+        [
+            "bench-pipeline",
+            "--data",
+            str(synth_dir),
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--batches",
+            "4",
+            "--windows",
+            "2",
+            "--warmup",
+            "1",
+            "--single-core-batches",
+            "2",
+            "--disable",
+            "parallel-map",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["pipeline"] == "optimized" and r["disabled_steps"] == ["parallel-map"]
+    assert r["pipeline_settings"]["parallel_map"] is False
+    assert "fraction of limit" in capsys.readouterr().out
+
+
+def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata):
+    df = bench.ablation(
+        "raw",
+        data_dir=str(synth_dir),
+        metadata=synth_metadata,
+        progress=False,
+        steps=["parallel-map", "final-prefetch"],
+        **TINY,
+    )
+    assert df["variant"].tolist() == [
+        "optimized (all steps)",
+        "minus parallel-map",
+        "minus final-prefetch",
+        "naive (no steps)",
+    ]
+    assert df["relative"].iloc[0] == 1.0 and (df["images_per_sec"] > 0).all()
+    assert df["limit_images_per_sec"].nunique() == 1  # one single-core measurement for all
+
+
+def _fake_results(tmp_path):
+    def rec(pipeline, ips, **extra):
+        return {
+            "pipeline": pipeline,
+            "images_per_sec": ips,
+            "cpu_count": 2,
+            "settings": {"batch_size": 32, "image_size": 224},
+            **extra,
+        }
+
+    files = {
+        "naive-raw": rec("naive", 100.0),
+        "optimized-raw": rec(
+            "optimized", 190.0, fraction_of_limit=0.95, limit_images_per_sec=200.0
+        ),
+        "optimized-compact": rec("optimized", 2500.0),
+        "keras-raw": rec("keras-sequence", 150.0),
+        "device-naive": rec("naive", 60.0, utilization=0.45, device_rate=140.0),
+        "device-optimized": rec("optimized", 139.0, utilization=0.99, device_rate=140.0),
+    }
+    for name, r in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    return tmp_path
+
+
+def test_report_prints_each_ratio_with_its_target(tmp_path):
+    text = bench.report(_fake_results(tmp_path))
+    assert "1.90x" in text and ">= 1.8x" in text
+    assert "95.0%" in text and "13.16x" in text and "SIMULATED" in text
+    assert "MISS" not in text and text.count("PASS") == 5
+
+
+def test_conclusion_is_computed_from_the_numbers():
+    throughput = pd.DataFrame(
+        [
+            {
+                "source_name": "raw",
+                "pipeline": "naive",
+                "images_per_sec": 100.0,
+                "fraction_of_limit": 0.5,
+            },
+            {
+                "source_name": "raw",
+                "pipeline": "optimized",
+                "images_per_sec": 190.0,
+                "fraction_of_limit": 0.95,
+            },
+            {
+                "source_name": "raw",
+                "pipeline": "keras-sequence",
+                "images_per_sec": 95.0,
+                "fraction_of_limit": 0.4,
+            },
+            {
+                "source_name": "records-compact",
+                "pipeline": "optimized",
+                "images_per_sec": 1900.0,
+                "fraction_of_limit": 0.9,
+            },
+        ]
+    )
+    ablation = pd.DataFrame(
+        [
+            {
+                "source_name": "raw",
+                "variant": "optimized (all steps)",
+                "step": None,
+                "relative": 1.0,
+            },
+            {
+                "source_name": "raw",
+                "variant": "minus parallel-map",
+                "step": "parallel-map",
+                "relative": 0.52,
+            },
+            {"source_name": "raw", "variant": "minus slack", "step": "slack", "relative": 0.99},
+        ]
+    )
+    utilization = pd.DataFrame(
+        [
+            {"pipeline": "naive", "device_rate": 50.0, "utilization": 0.7, "rate_vs_limit": 0.25},
+            {
+                "pipeline": "optimized",
+                "device_rate": 50.0,
+                "utilization": 0.99,
+                "rate_vs_limit": 0.25,
+            },
+            {
+                "pipeline": "optimized",
+                "device_rate": 150.0,
+                "utilization": 0.97,
+                "rate_vs_limit": 0.75,
+            },
+        ]
+    )
+    text = bench.conclusion_markdown(throughput, ablation, utilization, cores=2)
+    assert "1.90x naive" in text and "95% of the CPU limit" in text and "2.00x the Keras" in text
+    assert "10.00x as fast" in text
+    assert "*parallel-map* costs the most (48%" in text and "slack" in text
+    assert "up to 150 images/s" in text and "never reaches 95 %" in text
+
+
+def test_profile_config_validates():
+    with pytest.raises(ValueError, match="unknown sources"):
+        bench.ProfileConfig(output_dir="x", data_dir="d", sources=["raw", "hdf5"])
+    with pytest.raises(ValueError, match="are not among sources"):
+        bench.ProfileConfig(
+            output_dir="x", data_dir="d", sources=["raw"], ablation_sources=["records-compact"]
+        )
+    with pytest.raises(ValueError, match="batches >= repeats"):
+        bench.ProfileConfig(output_dir="x", data_dir="d", batches=2, repeats=5)
+    cfg = bench.ProfileConfig(
+        output_dir="x", data_dir="d", sources=["raw"], ablation_sources=["raw"]
+    )
+    assert cfg.sources == ("raw",) and cfg.to_dict()["batch_size"] == 32
+    assert cfg.bench_settings()["windows"] == cfg.repeats
+
+
+def _kernel_env(monkeypatch):
+    listed = subprocess.run(
+        [".venv/bin/jupyter", "kernelspec", "list"], capture_output=True, text=True
+    )
+    if "chexlib" not in listed.stdout:
+        monkeypatch.setenv("CHEXLIB_KERNEL", "python3")
+
+
+@pytest.mark.slow
+def test_notebook_03_runs_with_tiny_parameters(synth_dir, tmp_path, monkeypatch):
+    from chexlib.notebook import run_notebook
+
+    monkeypatch.chdir(bench.Path(__file__).resolve().parent.parent)
+    _kernel_env(monkeypatch)
+    out = tmp_path / "run"
+    params = dict(
+        OUTPUT_DIR=str(out),
+        DATA_DIR=str(synth_dir),
+        SOURCES=["raw", "records-compact"],
+        PIPELINES=["naive", "optimized", "keras-sequence"],
+        BATCH_SIZE=4,
+        IMAGE_SIZE=32,
+        WARMUP_BATCHES=1,
+        BATCHES=4,
+        REPEATS=2,
+        DEVICE_RATE_FRACTIONS=[0.5, 1.5],
+        ABLATION_SOURCES=["raw"],
+        RECORDS_SIZE=48,
+        KERAS_WORKERS=2,
+    )
+    run_notebook("03_pipeline_profiling", out / "03_pipeline_profiling.ipynb", params)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "params.json").read_text())["batch_size"] == 4
+    assert {r["pipeline"] for r in metrics["throughput"]} == {
+        "naive",
+        "optimized",
+        "keras-sequence",
+    }
+    assert {r["source_name"] for r in metrics["throughput"]} == {"raw", "records-compact"}
+    assert len(metrics["utilization"]) == 4 and "simulated" in metrics["utilization_note"]
+    assert metrics["conclusion"].startswith("**What these numbers say**")
+    for figure in ("throughput.png", "ablation.png", "utilization.png"):
+        assert (out / figure).stat().st_size > 1000

@@ -1,0 +1,292 @@
+"""chexlib.train: config and CLI, AUROC bookkeeping, learning on planted signals, resume.
+
+Training runs here are single-rank (a job of one Horovod rank, in this process or
+in a ``chexlib train`` subprocess); the multi-rank runs are in test_launch.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chexlib import train as T
+from chexlib.data import LABELS
+
+CHEXLIB = str(Path(sys.executable).parent / "chexlib")
+
+
+def tiny_config(data_dir, out, **changes) -> T.TrainConfig:
+    """A seconds-long run of the tiny test model on a generated dataset."""
+    base = dict(
+        data=str(data_dir),
+        out=str(out),
+        model="tiny",
+        image_size=32,
+        batch_size=8,
+        epochs=2,
+        warmup_epochs=0,
+        verbose=0,
+        throughput_warmup_steps=2,
+        throughput_window_steps=2,
+    )
+    return T.TrainConfig(**{**base, **changes})
+
+
+def run_cli(config: T.TrainConfig, env: dict | None = None, timeout: float = 300):
+    return subprocess.run(
+        [CHEXLIB, "train", *T.config_to_argv(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# --- config and command line -------------------------------------------------------
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="source raw needs --data"):
+        T.TrainConfig()
+    with pytest.raises(ValueError, match="model must be one of"):
+        T.TrainConfig(data="d", model="vgg")
+    with pytest.raises(ValueError, match="source records needs --records"):
+        T.TrainConfig(source="records", data="d")
+    with pytest.raises(ValueError, match="--synthetic without data needs --steps-per-epoch"):
+        T.TrainConfig(synthetic=True)
+    assert T.TrainConfig(synthetic=True, steps_per_epoch=5).to_dict()["synthetic"] is True
+
+
+def test_cli_flags_mirror_the_config():
+    parser = argparse.ArgumentParser()
+    T.add_train_arguments(parser)
+    flags = {a.dest for a in parser._actions} - {"help"}
+    assert flags == {f.name for f in dataclasses.fields(T.TrainConfig)}
+    config = T.TrainConfig(
+        data="/d",
+        records="/r",
+        source="records",
+        pipeline="naive",
+        model="resnet50",
+        weights="imagenet",
+        image_size=256,
+        batch_size=64,
+        epochs=7,
+        steps_per_epoch=9,
+        learning_rate=5e-4,
+        scale_lr=False,
+        warmup_epochs=5,
+        mixed_precision=True,
+        xla=True,
+        synthetic=True,
+        resume=True,
+        seed=3,
+        out="/o",
+    )
+    assert T.config_from_args(parser.parse_args(T.config_to_argv(config))) == config
+
+
+def test_fault_spec():
+    assert T.parse_fault("rank=1,epoch=0,step=3", rank=1) == (0, 3)
+    assert T.parse_fault("rank=1,epoch=0,step=3", rank=0) is None
+    assert T.parse_fault(None, rank=0) is None
+    with pytest.raises(ValueError, match="rank=R,epoch=E,step=S"):
+        T.parse_fault("rank=1", rank=1)
+
+
+def test_epoch_seed_depends_on_seed_and_epoch_only():
+    assert T.epoch_seed(0, 3) == T.epoch_seed(0, 3)
+    assert len({T.epoch_seed(s, e) for s in range(3) for e in range(5)}) == 15
+
+
+# --- evaluation bookkeeping ---------------------------------------------------------
+
+
+def test_auroc_single_valued_and_nan_classes_are_none_with_reason():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((50, 14)) < 0.3).astype("float32")
+    labels[:, 0] = 0  # no positives
+    labels[:, 1] = 1  # no negatives
+    scores = rng.random((50, 14)).astype("float32")
+    scores[:, 2] = np.nan  # a diverged model
+    scores[:, 3] = labels[:, 3]  # perfect
+    values, reasons = T.auroc_per_class(labels, scores, "val")
+    assert list(values) == list(LABELS)
+    assert (
+        values["Atelectasis"] is None and "only negative examples in val" in reasons["Atelectasis"]
+    )
+    assert values["Cardiomegaly"] is None and "only positive" in reasons["Cardiomegaly"]
+    assert values["Effusion"] is None and "not finite" in reasons["Effusion"]
+    assert values["Infiltration"] == 1.0
+    assert set(reasons) == {"Atelectasis", "Cardiomegaly", "Effusion"}
+    defined = [v for v in values.values() if v is not None]
+    assert T.mean_auroc(values) == pytest.approx(np.mean(defined))
+    assert T.mean_auroc(dict.fromkeys(LABELS)) is None
+
+
+def test_binary_crossentropy_matches_keras():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    labels = (rng.random((20, 14)) < 0.3).astype("float32")
+    scores = rng.random((20, 14)).astype("float32")
+    keras = float(tf.keras.losses.BinaryCrossentropy()(labels, scores))
+    assert T.binary_crossentropy(labels, scores) == pytest.approx(keras, rel=1e-5)
+
+
+def test_throughput_windows_skip_warmup_and_time_whole_windows():
+    Throughput = T._make_callbacks()[0]
+    cb = Throughput(batch_size=4, warmup_steps=2, window_steps=3)
+    cb.on_epoch_begin(0)
+    for step in range(11):
+        time.sleep(0.02 if step >= 2 else 0.2)  # slow warm-up steps are not timed
+        cb.on_train_batch_end(step)
+    assert len(cb.rates) == 3  # (11 - 2) steps // 3 per window
+    assert all(50 < r < 4 / 0.02 * 1.01 for r in cb.rates)  # ~200 images/s, far above warm-up's 20
+    summary = T.throughput_summary(cb.rates)
+    assert summary["windows"] == 3 and summary["ci95"] == pytest.approx(1.96 * np.std(cb.rates))
+    assert T.throughput_summary([])["median"] is None
+
+
+# --- training runs ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    """1,500 generated images at 64 px: enough positives per class for a stable AUROC."""
+    from chexlib.synth import generate
+
+    out = tmp_path_factory.mktemp("planted") / "data"
+    generate(out, n_images=1500, size=64, seed=3, workers=2, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_planted_signals(planted_dir, tmp_path):
+    """Mean AUROC far above chance on the planted patterns (0.80-0.92 seen over seeds; threshold 0.75)."""
+    config = tiny_config(planted_dir, tmp_path / "run", image_size=64, batch_size=32, epochs=8)
+    metrics = T.train(config)
+    assert metrics["history"][-1]["val_mean_auroc"] >= 0.75
+    assert metrics["mean_auroc"] >= 0.75 and metrics["auroc_split"] == "test"
+    # the run record has the keys the study reads
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in (
+        "images_per_sec",
+        "images_per_sec_per_rank",
+        "auroc",
+        "mean_auroc",
+        "history",
+        "ranks",
+    ):
+        assert key in saved
+    assert list(saved["auroc"]) == list(LABELS) and saved["ranks"] == 1
+    versions = saved["environment"]["versions"]
+    assert saved["images_per_sec"] > 0 and versions["horovod"] == "0.28.1"
+    assert versions.get("tensorflow") or versions.get("tensorflow-cpu")
+    assert "CPU" in saved["environment"]["hardware"] or saved["environment"]["gpus"]
+    splits = _split_counts(planted_dir)  # every val and test image counted exactly once
+    assert (saved["val_images"], saved["test_images"]) == (splits["val"], splits["test"])
+    assert len(saved["history"]) == 8 and saved["history"][0]["val_auroc"].keys() == set(LABELS)
+    assert json.loads((tmp_path / "run" / "params.json").read_text())["model"] == "tiny"
+    assert (tmp_path / "run" / "history.csv").exists() and (tmp_path / "run" / "auroc.csv").exists()
+
+
+def _split_counts(data_dir) -> dict:
+    from chexlib.data import load_metadata
+
+    return load_metadata(data_dir)["split"].value_counts().to_dict()
+
+
+def _digest(model) -> str:
+    digest = hashlib.sha256()
+    for var in model.variables:
+        digest.update(np.ascontiguousarray(var.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_path):
+    common = dict(epochs=3, warmup_epochs=1, deterministic=True)
+    whole = T.train(tiny_config(synth_dir, tmp_path / "whole", **common))
+
+    killed = tiny_config(synth_dir, tmp_path / "killed", **common)
+    proc = run_cli(killed, env={T.FAULT_ENV: "rank=0,epoch=2,step=3"})
+    assert proc.returncode == T.FAULT_EXIT_CODE, proc.stderr[-2000:]
+    latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
+    assert latest["epochs_done"] == 2  # epoch 3 died before its checkpoint
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+
+    with pytest.raises(ValueError, match="the checkpoint has image_size=32, this run 48"):
+        T.train(dataclasses.replace(killed, resume=True, image_size=48))
+    resumed = T.train(dataclasses.replace(killed, resume=True))
+    assert resumed["resumed_from_epoch"] == 2
+    for a, b in zip(whole["history"], resumed["history"], strict=True):
+        for key in ("loss", "val_loss", "val_mean_auroc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+    assert resumed["mean_auroc"] == pytest.approx(whole["mean_auroc"], abs=1e-6)
+
+    # the checkpoint is also a --weights source: the final model, variable for variable
+    from chexlib.models import build_model
+
+    loaded = build_model("tiny", image_size=32, weights=str(tmp_path / "killed"))
+    assert _digest(loaded) == resumed["weights_sha256_per_rank"][0]
+
+
+def test_existing_checkpoint_needs_resume(synth_dir, tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text('{"dir": "epoch-0001"}')
+    from chexlib.cli import main
+
+    assert main(["train", *T.config_to_argv(tiny_config(synth_dir, tmp_path / "run"))]) == 2
+
+
+@pytest.mark.slow
+def test_synthetic_run_measures_throughput_without_data(tmp_path):
+    config = T.TrainConfig(
+        synthetic=True,
+        steps_per_epoch=10,
+        model="tiny",
+        image_size=32,
+        batch_size=4,
+        epochs=1,
+        out=str(tmp_path / "syn"),
+        verbose=0,
+        throughput_warmup_steps=2,
+        throughput_window_steps=2,
+    )
+    metrics = T.train(config)
+    assert metrics["images_per_sec"] > 0 and metrics["throughput"]["per_rank"][0]["windows"] == 4
+    assert metrics["mean_auroc"] is None and set(metrics["auroc_reasons"].values()) == {
+        "synthetic data: no evaluation"
+    }
+    assert json.loads((tmp_path / "syn" / "metrics.json").read_text())["synthetic"] is True
+
+
+@pytest.mark.slow
+def test_mixed_precision_and_xla_on_cpu(synth_dir, tmp_path):
+    """Both switches work on CPU (XLA by auto-clustering; a GPU would be needed to see speed-ups)."""
+    config = tiny_config(
+        synth_dir,
+        tmp_path / "mp",
+        epochs=1,
+        steps_per_epoch=6,
+        mixed_precision=True,
+        xla=True,
+        checkpoint=False,
+    )
+    proc = run_cli(config, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Compiled cluster using XLA" in proc.stderr
+    metrics = json.loads((tmp_path / "mp" / "metrics.json").read_text())
+    assert metrics["mixed_precision"] and metrics["xla"]
+    assert np.isfinite(metrics["history"][0]["loss"])

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `make bench`: chexlib's benchmark commands, measured side by side in one run,
+# then each ratio printed with its target. Benchmarks are not tests: timings on
+# a shared or busy machine are noisy, so read the spread printed with each run.
+#
+# Everything is generated under outputs/bench/ (git-ignored) and reused by the
+# next run: the dataset and the records are only made when missing.
+# Settings can be overridden from the environment, e.g.
+#   BENCH_IMAGES=1000 BENCH_BATCHES=120 make bench
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+CHEXLIB="$VENV/bin/chexlib"
+PY="$VENV/bin/python"
+BENCH_DIR=${BENCH_DIR:-outputs/bench}
+N_IMAGES=${BENCH_IMAGES:-300}          # generated images (NIH layout)
+SOURCE_SIZE=${BENCH_SOURCE_SIZE:-1024} # their side in pixels, as NIH's
+BATCH=${BENCH_BATCH:-32}               # images per batch
+IMAGE_SIZE=${BENCH_IMAGE_SIZE:-224}    # model input side
+BATCHES=${BENCH_BATCHES:-60}           # timed batches per measurement (5 windows)
+DEVICE_FRACTION=${BENCH_DEVICE_FRACTION:-0.7}  # simulated device speed / measured CPU limit
+
+DATA="$BENCH_DIR/data"
+RESULTS="$BENCH_DIR/pipeline"
+mkdir -p "$RESULTS"
+rm -f "$RESULTS"/*.json
+
+echo "== dataset: $N_IMAGES generated images of ${SOURCE_SIZE}x${SOURCE_SIZE} in $DATA"
+"$CHEXLIB" synth "$DATA" --images "$N_IMAGES" --size "$SOURCE_SIZE" --seed 0 --no-progress
+
+# ---- records conversion (chexlib.records; its conversion benchmark may go here) ----
+echo "== records: compact (256 px, raw uint8) and png (original bytes), 32 images per shard"
+"$CHEXLIB" convert "$DATA" "$BENCH_DIR/records-compact" --variant compact --size 256 \
+  --images-per-shard 32 --no-progress --overwrite > /dev/null
+"$CHEXLIB" convert "$DATA" "$BENCH_DIR/records-png" --variant png \
+  --images-per-shard 32 --no-progress --overwrite > /dev/null
+# ---- end of records conversion ----
+
+# ---- input pipelines (chexlib.pipeline, chexlib.bench) ----
+common=(--batch-size "$BATCH" --image-size "$IMAGE_SIZE" --batches "$BATCHES" --windows 5)
+measure() {  # measure NAME ARGS...: one chexlib bench-pipeline run into RESULTS/NAME.json
+  local name=$1
+  shift
+  echo "== $name"
+  "$CHEXLIB" bench-pipeline "$@" "${common[@]}" --json "$RESULTS/$name.json" | grep -v "written:"
+}
+raw=(--source raw --data "$DATA")
+measure naive-raw --pipeline naive "${raw[@]}"
+measure optimized-raw --pipeline optimized "${raw[@]}"
+measure keras-raw --pipeline keras-sequence "${raw[@]}"
+measure optimized-compact --pipeline optimized --source records --records "$BENCH_DIR/records-compact"
+measure optimized-png --pipeline optimized --source records --records "$BENCH_DIR/records-png"
+
+# A SIMULATED accelerator slower than the measured limit (DEVICE_FRACTION of it).
+RATE=$("$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(round(float(sys.argv[2]) * r["limit_images_per_sec"], 1))' \
+  "$RESULTS/optimized-raw.json" "$DEVICE_FRACTION")
+measure device-naive --pipeline naive "${raw[@]}" --device-rate "$RATE"
+measure device-optimized --pipeline optimized "${raw[@]}" --device-rate "$RATE"
+# ---- end of input pipelines ----
+
+echo
+"$PY" -m chexlib.bench report "$RESULTS"
