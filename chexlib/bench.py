@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -150,6 +151,10 @@ class Timing:
     window_rates: list[float] = field(default_factory=list)  # images/s per window
     images: int = 0
     wall_sec: float = 0.0
+    load_average: tuple[float, float] = (
+        0.0,
+        0.0,
+    )  # 1-min load before and after: is the machine shared?
     stall_sec: float = 0.0  # waiting for the next batch
     busy_sec: float = 0.0  # simulated device busy
 
@@ -165,6 +170,7 @@ class Timing:
             },
             "timed_images": self.images,
             "timed_wall_sec": self.wall_sec,
+            "load_average_1min": list(self.load_average),
             "input_stall_sec": self.stall_sec,
             "stall_fraction": self.stall_sec / self.wall_sec if self.wall_sec else 0.0,
         }
@@ -210,6 +216,7 @@ def time_batches(
         disable=progress is None,
         leave=False,
     )
+    load_before = _load()
     start = time.perf_counter()
     for _ in range(windows):
         t0, images = time.perf_counter(), 0
@@ -226,8 +233,17 @@ def time_batches(
         timing.window_rates.append(images / (time.perf_counter() - t0))
         timing.images += images
     timing.wall_sec = time.perf_counter() - start
+    timing.load_average = (load_before, _load())
     bar.close()
     return timing
+
+
+def _load() -> float:
+    """1-minute load average (runnable processes): above the core count, timings share the CPUs."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
 
 
 # --- what is timed -------------------------------------------------------------------
@@ -465,6 +481,11 @@ def describe(result: dict) -> str:
         f"  images/s: {result['images_per_sec']:.1f} median of {len(result['images_per_sec_windows'])} windows "
         f"(min {spread['min']:.1f}, max {spread['max']:.1f}, 1.96 std {spread['ci95']:.1f})",
     ]
+    before, after = result["load_average_1min"]
+    lines.append(
+        f"  machine load (1-min average) {before:.1f} -> {after:.1f} on {result['cpu_count']} cores"
+        + (": SHARED, timings are not reliable" if max(before, after) > result["cpu_count"] else "")
+    )
     if "limit_images_per_sec" in result:
         lines.append(
             f"  single core: {result['single_core_images_per_sec']:.1f} images/s; limit "
@@ -1064,6 +1085,16 @@ def report(results_dir) -> str:
         )
     any_run = next(iter(r.values()), {})
     s = any_run.get("settings", {})
+    loads = [x for v in r.values() for x in v.get("load_average_1min", [])]
+    if loads:
+        rows.append(
+            (
+                "(info) machine load, 1-min average, min..max",
+                f"{min(loads):.1f}..{max(loads):.1f}",
+                f"< {any_run.get('cpu_count')} (cores) to be clean",
+                None,
+            )
+        )
     head = (
         f"make bench: {len(r)} measurements in {results_dir} "
         f"(batch {s.get('batch_size')}, {s.get('image_size')}px, {any_run.get('cpu_count')} cores; "

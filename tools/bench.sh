@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}  # keep TensorFlow's start-up logging out of the results
 VENV=${VENV:-.venv}
 CHEXLIB="$VENV/bin/chexlib"
 PY="$VENV/bin/python"
