@@ -98,6 +98,27 @@ def test_normalised_once_not_twice():
     assert float(tf.reduce_min(P.normalize_gray(white, "resnet50", False))) > 100.0
 
 
+def test_an_image_already_at_the_model_size_passes_through_unchanged():
+    gray = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 1), dtype=np.uint8)
+    # static shape: decided while tracing; dynamic shape (decoded raw records): tf.cond
+    np.testing.assert_array_equal(P.resize_gray(tf.constant(gray), SIZE).numpy(), gray)
+    dynamic = tf.function(
+        lambda g: P.resize_gray(g, SIZE),
+        input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)],
+    )
+    np.testing.assert_array_equal(dynamic(tf.constant(gray)).numpy(), gray)
+    larger = np.repeat(np.repeat(gray, 2, axis=0), 2, axis=1)  # another size is resized
+    assert dynamic(tf.constant(larger)).shape == (SIZE, SIZE, 1)
+
+
+def test_normalising_a_batch_equals_normalising_each_image():
+    batch = np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 1), dtype=np.uint8)
+    whole = P.normalize(tf.constant(batch), "resnet50").numpy()
+    assert whole.shape == (3, SIZE, SIZE, 3) and whole.dtype == np.float32
+    for i in range(3):
+        np.testing.assert_array_equal(whole[i], P.normalize(tf.constant(batch[i]), "resnet50"))
+
+
 def _png(array, mode=None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buf, format="PNG")

@@ -31,8 +31,9 @@ echo "== dataset: $N_IMAGES generated images of ${SOURCE_SIZE}x${SOURCE_SIZE} in
 "$CHEXLIB" synth "$DATA" --images "$N_IMAGES" --size "$SOURCE_SIZE" --seed 0 --no-progress
 
 # ---- records conversion (chexlib.records; its conversion benchmark may go here) ----
-echo "== records: compact (256 px, raw uint8) and png (original bytes), 32 images per shard"
-"$CHEXLIB" convert "$DATA" "$BENCH_DIR/records-compact" --variant compact --size 256 \
+# compact records are written at the model's input size: the resize is done once, here
+echo "== records: compact (${IMAGE_SIZE} px, raw uint8) and png (original bytes), 32 images per shard"
+"$CHEXLIB" convert "$DATA" "$BENCH_DIR/records-compact" --variant compact --size "$IMAGE_SIZE" \
   --images-per-shard 32 --no-progress --overwrite > /dev/null
 "$CHEXLIB" convert "$DATA" "$BENCH_DIR/records-png" --variant png \
   --images-per-shard 32 --no-progress --overwrite > /dev/null
