@@ -19,8 +19,10 @@ ipyparallel (:class:`HorovodCluster`)
     ``hvd.init()`` on the engines forms the job, and a JupyterLab user can run
     training cells on every rank with ``%%px`` and inspect each one.
 
-In every mode a rank that dies stops the job with an error (horovodrun and
-``horovod.run`` terminate the other ranks and exit non-zero), never a hang.
+In every mode a rank that dies stops the job with an error, never a hang:
+horovodrun and ``horovod.run`` terminate the other ranks and fail with the dead
+rank's exit status; on ipyparallel engines the surviving ranks' collectives
+fail and :meth:`HorovodCluster.train` raises :class:`LaunchError`.
 """
 
 from __future__ import annotations
@@ -279,6 +281,11 @@ class HorovodCluster:
     engine and get rank 0's metrics. ``cluster.stop()`` (or a ``with`` block)
     shuts the engines and the rendezvous server down.
 
+    A dead engine makes the others fail (tested). An engine whose cell raises
+    a Python error while the others wait in a collective leaves them waiting:
+    interrupt them (``cluster.client.abort()``) or ``stop()`` the cluster.
+    After any failure the engines' Horovod job is over; start a new cluster.
+
     Args:
         n: number of engines = Horovod ranks.
         rendezvous_addr: address the engines reach the launcher at; default
@@ -303,11 +310,11 @@ class HorovodCluster:
         import ipyparallel as ipp
 
         self.cluster = ipp.Cluster(n=self.n, **self.cluster_kwargs)
-        self.client = self.cluster.start_and_connect_sync(activate=False)
-        self.client.wait_for_engines(self.n, timeout=timeout)
-        self.view = self.client[:]  # all engines, ordered by engine id
-        self.view.block = True
         try:
+            self.client = self.cluster.start_and_connect_sync(activate=False)
+            self.client.wait_for_engines(self.n, timeout=timeout)
+            self.view = self.client[:]  # all engines, ordered by engine id
+            self.view.block = True
             self._wire()
         except BaseException:
             self.stop()
@@ -346,9 +353,18 @@ class HorovodCluster:
 
     def train(self, config) -> dict:
         """Run ``chexlib.train.train(config)`` on every engine; return rank 0's metrics."""
+        import ipyparallel as ipp
+
         from chexlib.train import train
 
-        results = self.view.apply_sync(train, config)
+        try:
+            results = self.view.apply_sync(train, config)
+        except (ipp.error.CompositeError, ipp.error.EngineError) as err:
+            raise LaunchError(
+                "training failed on the ipyparallel engines (a rank raised or died; when a rank "
+                "dies the others stop with a Horovod error). The Horovod job of these engines is "
+                f"over: stop() this cluster and start a new one.\n{str(err)[:3000]}"
+            ) from err
         return next(r for r in results if r.get("rank") == 0)
 
     def stop(self) -> None:

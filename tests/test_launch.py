@@ -109,9 +109,19 @@ def test_a_dying_rank_fails_the_job_without_hanging(synth_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ipyparallel_engines_form_one_horovod_job():
+def test_ipyparallel_engines_form_one_horovod_job(synth_dir, tmp_path):
+    config = tiny_config(tmp_path / "run", data=str(synth_dir), verbose=0)
+    start = time.monotonic()
     with launch.HorovodCluster(n=2) as cluster:
         ranks = cluster.check()
+        # an engine that dies mid-training: the other one errors out instead of hanging
+        engine = next(e for e, r in cluster.ranks.items() if r == 1)
+        cluster.client[engine].apply_sync(
+            launch.set_engine_env, {FAULT_ENV: "rank=1,epoch=0,step=2"}
+        )
+        with pytest.raises(launch.LaunchError, match="a rank raised or died"):
+            cluster.train(config)
+    assert time.monotonic() - start < 300
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["size"] == 2 and r["rank_sum"] == 1.0 for r in ranks)  # allreduce(0 + 1)
     assert ranks[0]["pid"] != ranks[1]["pid"]
