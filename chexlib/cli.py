@@ -18,8 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("chexlib.records", "convert a dataset to sharded TFRecords"),
     "verify-records": ("chexlib.records", "read TFRecords back and check them"),
     "bench-pipeline": ("chexlib.bench", "time an input pipeline alone (no model)"),
+    "data-service": ("chexlib.dataservice", "run a tf.data service dispatcher and/or workers"),
     "train": ("chexlib.train", "train CheXNet (run under horovodrun for N ranks)"),
     "study": ("chexlib.study", "run a papermill study specification"),
+    "publish-results": ("chexlib.publish", "copy a study's figures and results into the README"),
 }
 
 

@@ -362,7 +362,9 @@ def validate_images(
 
 def add_arguments(parser) -> None:
     parser.add_argument("data_dir", help="dataset folder in the NIH ChestX-ray14 layout")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decode processes (default: all cores)"
+    )
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
 
 

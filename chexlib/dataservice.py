@@ -12,16 +12,21 @@ On one machine (tests, notebooks)::
     with start_local_service(n_workers=2) as service:
         ds = build_dataset("raw", "train", metadata=md, data_service=service.address)
 
+From a shell, a dispatcher and N workers on this host (prints the address)::
+
+    chexlib data-service local --workers 2
+
 On a cluster, one dispatcher and one worker per CPU host::
 
-    python -m chexlib.dataservice dispatcher --port 5050
-    python -m chexlib.dataservice worker --dispatcher HOST:5050 --port 5051
+    chexlib data-service dispatcher --port 5050
+    chexlib data-service worker --dispatcher HOST:5050 --port 5051
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,18 +146,55 @@ def serve(role: str, port: int = 0, dispatcher: str | None = None) -> None:
     server.join()
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "role",
+        choices=("dispatcher", "worker", "local"),
+        help="dispatcher or worker: one server in this process; local: a dispatcher and "
+        "--workers workers as child processes on this host, until Ctrl-C",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    parser.add_argument("--dispatcher", default=None, help="HOST:PORT of the dispatcher (workers)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (local)")
+
+
+def run(args) -> int:
+    if args.role == "worker" and not args.dispatcher:
+        raise SystemExit("chexlib data-service worker: needs --dispatcher HOST:PORT")
+    if args.role != "local":
+        serve(args.role, args.port, args.dispatcher)
+        return 0
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # `kill` too stops the child processes
+    with start_local_service(args.workers, args.port) as service:
+        print(
+            f"tf.data service: dispatcher {service.address}, workers "
+            f"{' '.join(service.worker_addresses)}; logs in {service._logdir}",
+            flush=True,
+        )
+        print(
+            f"read through it with --data-service {service.address} "
+            "(or build_dataset(..., data_service=ADDRESS)); Ctrl-C stops it",
+            flush=True,
+        )
+        try:
+            while all(p.poll() is None for p in service._procs):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+    print("a tf.data service process ended; stopped the others", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m chexlib.dataservice", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("role", choices=("dispatcher", "worker"))
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
-    parser.add_argument("--dispatcher", default=None, help="HOST:PORT of the dispatcher (workers)")
-    args = parser.parse_args(argv)
-    if args.role == "worker" and not args.dispatcher:
-        parser.error("a worker needs --dispatcher HOST:PORT")
-    serve(args.role, args.port, args.dispatcher)
-    return 0
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def environment_info(with_gpus: bool = True) -> dict:
     if with_gpus:
         gpus = gpu_names()
         info["gpus"] = gpus
-        info["hardware"] = f"{len(gpus)}x {gpus[0]}" if gpus else f"CPU only: {info['cpu_count']}x {info['cpu']}"
+        info["hardware"] = (
+            f"{len(gpus)}x {gpus[0]}" if gpus else f"CPU only: {info['cpu_count']}x {info['cpu']}"
+        )
     return info
 
 
@@ -132,14 +134,16 @@ def collect_runs(study_dir: str | Path) -> list[dict]:
         if run.get("status") != "complete" or not metrics_path.is_file():
             continue
         params_path = marker.parent / "params.json"
-        records.append({
-            "stage": marker.parent.parent.name,
-            "run_id": marker.parent.name,
-            "run_dir": str(marker.parent),
-            "parameters": run.get("parameters", {}),
-            "params": read_json(params_path) if params_path.is_file() else {},
-            "metrics": read_json(metrics_path),
-        })
+        records.append(
+            {
+                "stage": marker.parent.parent.name,
+                "run_id": marker.parent.name,
+                "run_dir": str(marker.parent),
+                "parameters": run.get("parameters", {}),
+                "params": read_json(params_path) if params_path.is_file() else {},
+                "metrics": read_json(metrics_path),
+            }
+        )
     return records
 
 

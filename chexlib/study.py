@@ -108,7 +108,9 @@ def _substitute(value, variables: dict, where: str):
         def fill(match):
             name = match.group(1)
             if name not in variables:
-                raise SpecError(f"{where}: unknown placeholder {{{name}}}; known: {sorted(variables)}")
+                raise SpecError(
+                    f"{where}: unknown placeholder {{{name}}}; known: {sorted(variables)}"
+                )
             return str(variables[name])
 
         return _PLACEHOLDER.sub(fill, value)
@@ -144,12 +146,16 @@ def load_spec(path: str | Path) -> dict:
             raise SpecError(f"{where} ({stage['name']}): 'output_dir' is for one-run stages only")
         cases = stage.get("cases", [{}])
         if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
-            raise SpecError(f"{where} ({stage['name']}): 'cases' must be a non-empty list of mappings")
+            raise SpecError(
+                f"{where} ({stage['name']}): 'cases' must be a non-empty list of mappings"
+            )
         if "/" in stage["notebook"]:  # a path: relative to the specification's folder
             stage["notebook"] = str((path.parent / stage["notebook"]).resolve())
         bad = [k for k, v in stage.get("grid", {}).items() if not isinstance(v, list) or not v]
         if bad:
-            raise SpecError(f"{where} ({stage['name']}): grid values must be non-empty lists: {bad}")
+            raise SpecError(
+                f"{where} ({stage['name']}): grid values must be non-empty lists: {bad}"
+            )
     spec["_path"] = str(path)
     return spec
 
@@ -167,7 +173,9 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
     stage_dirs = {str(study_dir / stage["name"]) for stage in spec["stages"]}
     clash = [f"{k}={v}" for k, v in variables.items() if str(v).rstrip("/") in stage_dirs]
     if clash:
-        raise SpecError(f"{spec['_path']}: vars {clash} point into a stage's run folder; rename them")
+        raise SpecError(
+            f"{spec['_path']}: vars {clash} point into a stage's run folder; rename them"
+        )
     runs = []
     for stage in spec["stages"]:
         where = f"{spec['_path']} stage {stage['name']}"
@@ -180,15 +188,26 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
             varied.update(zip(grid, combo, strict=True))
             params = {**fixed, **varied}
             # Ids show short values only (paths would make them unreadable).
-            shown = [k for k, v in varied.items()
-                     if "/" not in str(v) and not (label and str(v) in label.split("-"))]
+            shown = [
+                k
+                for k, v in varied.items()
+                if "/" not in str(v) and not (label and str(v) in label.split("-"))
+            ]
             rid = run_id(params, shown)
             run_dir = study_dir / stage["name"] / (f"{label}_{rid}" if label else rid)
             if "output_dir" in stage:  # a one-run stage writing to a fixed folder (the summary)
                 run_dir = Path(_substitute(stage["output_dir"], variables, where))
             params["OUTPUT_DIR"] = str(run_dir)
-            runs.append(Run(spec["name"], stage["name"], stage["notebook"], params, run_dir,
-                            stage.get("html")))
+            runs.append(
+                Run(
+                    spec["name"],
+                    stage["name"],
+                    stage["notebook"],
+                    params,
+                    run_dir,
+                    stage.get("html"),
+                )
+            )
     return runs
 
 
@@ -197,20 +216,28 @@ def execute(run: Run, html: bool = True) -> None:
     from chexlib.notebook import run_notebook
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"stage": run.stage, "notebook": run.notebook, "parameters": _canonical(run.parameters)}
+    record = {
+        "stage": run.stage,
+        "notebook": run.notebook,
+        "parameters": _canonical(run.parameters),
+    }
     write_json(run.run_dir / "run.json", {**record, "status": "running"})
     html_path = run.run_dir / (run.html_name or f"{run.executed.stem}.html")
     start = time.time()
     try:
         run_notebook(run.notebook, run.executed, run.parameters, cwd=run.run_dir)
     except Exception as err:  # papermill keeps the failing cell's error in the notebook
-        write_json(run.run_dir / "run.json", {**record, "status": "failed", "error": _short(err),
-                                              "seconds": time.time() - start})
+        write_json(
+            run.run_dir / "run.json",
+            {**record, "status": "failed", "error": _short(err), "seconds": time.time() - start},
+        )
         raise
     finally:
         if html and run.executed.exists():
             render_html(run.executed, html_path)
-    write_json(run.run_dir / "run.json", {**record, "status": "complete", "seconds": time.time() - start})
+    write_json(
+        run.run_dir / "run.json", {**record, "status": "complete", "seconds": time.time() - start}
+    )
 
 
 def render_html(notebook: Path, target: Path | None = None) -> Path:
@@ -264,7 +291,9 @@ def run_study(
         (result.skipped if status == "complete" else todo).append(run)
         if dry_run:
             log(f"{status:>10}  {run.stage}/{run.run_id}")
-    log(f"study {spec['name']}: {len(runs)} runs, {len(result.skipped)} already complete, {len(todo)} to run")
+    log(
+        f"study {spec['name']}: {len(runs)} runs, {len(result.skipped)} already complete, {len(todo)} to run"
+    )
     if dry_run or not todo:
         return result
     counter = itertools.count(1)
@@ -284,10 +313,14 @@ def run_study(
     for _, stage_runs in itertools.groupby(todo, key=lambda r: r.stage):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             list(pool.map(one, stage_runs))
-    log(f"study {spec['name']}: {len(result.ran)} ran, {len(result.skipped)} skipped, "
-        f"{len(result.failed)} failed in {_clock(time.time() - start)}")
+    log(
+        f"study {spec['name']}: {len(result.ran)} ran, {len(result.skipped)} skipped, "
+        f"{len(result.failed)} failed in {_clock(time.time() - start)}"
+    )
     for run, reason in result.failed:
-        log(f"  failed: {run.stage}/{run.run_id}\n    notebook: {run.executed}\n    error: {reason}")
+        log(
+            f"  failed: {run.stage}/{run.run_id}\n    notebook: {run.executed}\n    error: {reason}"
+        )
     return result
 
 
@@ -298,8 +331,12 @@ def _clock(seconds: float) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("spec", help="study specification (papermill_runs/*.yaml)")
-    parser.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="list runs and their status, run nothing")
+    parser.add_argument(
+        "--only", action="append", metavar="STAGE", help="run only this stage (repeatable)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list runs and their status, run nothing"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs of one stage at the same time")
     parser.add_argument("--outputs", default=str(DEFAULT_OUTPUTS), help="root of the outputs tree")
     parser.add_argument("--no-html", action="store_true", help="skip HTML renderings")
@@ -307,8 +344,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     try:
-        result = run_study(args.spec, outputs=args.outputs, only=args.only, dry_run=args.dry_run,
-                           jobs=args.jobs, html=not args.no_html)
+        result = run_study(
+            args.spec,
+            outputs=args.outputs,
+            only=args.only,
+            dry_run=args.dry_run,
+            jobs=args.jobs,
+            html=not args.no_html,
+        )
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,15 @@ from chexlib.results import collect_runs
 
 # Vasudev et al., SC'19 poster: DenseNet121, FP32, TFRecords, images/s in total
 # on V100 GPUs (REFERENCE.md). Theirs, not ours.
-POSTER_THROUGHPUT = {1: 185.12, 2: 315.26, 3: 421.85, 4: 589.36, 8: 1116.99, 12: 1527.60, 16: 1912.82}
+POSTER_THROUGHPUT = {
+    1: 185.12,
+    2: 315.26,
+    3: 421.85,
+    4: 589.36,
+    8: 1116.99,
+    12: 1527.60,
+    16: 1912.82,
+}
 # Poster: TFRecords (full-size PNG bytes) over raw PNG files, 4 GPUs.
 POSTER_RECORDS_GAIN = {"resnet50": 8.39, "densenet121": 13.1}
 POSTER_HARDWARE = "poster: PowerEdge C4140, 4x V100 per node, TF 1.12, Horovod 0.16.4"
@@ -66,8 +74,13 @@ def training_table(records: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    for col in ("images_per_sec", "images_per_sec_per_rank", "synthetic_images_per_sec",
-                "fraction_of_synthetic", "mean_auroc"):
+    for col in (
+        "images_per_sec",
+        "images_per_sec_per_rank",
+        "synthetic_images_per_sec",
+        "fraction_of_synthetic",
+        "mean_auroc",
+    ):
         table[col] = pd.to_numeric(table[col], errors="coerce")
     keys = ["model", "pipeline", "input"]
     one_rank = table[table["ranks"] == 1].set_index(keys)["images_per_sec"]
@@ -84,18 +97,30 @@ def records_gain(train: pd.DataFrame) -> pd.DataFrame:
     for _, r in train[train["input"] != "raw PNG"].iterrows():
         ref = raw.get(tuple(r[k] for k in keys))
         if ref and not np.isnan(ref):
-            rows.append({**{k: r[k] for k in keys}, "input": r["input"],
-                         "gain_percent": 100.0 * (r["images_per_sec"] / ref - 1.0)})
+            rows.append(
+                {
+                    **{k: r[k] for k in keys},
+                    "input": r["input"],
+                    "gain_percent": 100.0 * (r["images_per_sec"] / ref - 1.0),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def poster_scaling() -> pd.DataFrame:
     """The poster's throughput and scaling efficiency against GPUs (theirs)."""
     one = POSTER_THROUGHPUT[1]
-    return pd.DataFrame([
-        {"ranks": n, "images_per_sec": v, "scaling_efficiency": v / (n * one), "who": "poster (V100 GPUs)"}
-        for n, v in POSTER_THROUGHPUT.items()
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "ranks": n,
+                "images_per_sec": v,
+                "scaling_efficiency": v / (n * one),
+                "who": "poster (V100 GPUs)",
+            }
+            for n, v in POSTER_THROUGHPUT.items()
+        ]
+    )
 
 
 def profiling_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
@@ -134,11 +159,14 @@ def auroc_comparison(train: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     best = scored.loc[scored["mean_auroc"].idxmax()]
     ours = f"ours: {best['model']} {best['pipeline']} {best['input']} ({best['auroc_split']})"
-    table = pd.DataFrame({
-        ours: [best.get(f"auroc.{label}") for label in LABELS],
-        "CheXNet (test, theirs)": [CHEXNET_TEST_AUROC[label] for label in LABELS],
-        "poster (val, theirs)": [POSTER_VAL_AUROC[label] for label in LABELS],
-    }, index=list(LABELS)).astype(float)
+    table = pd.DataFrame(
+        {
+            ours: [best.get(f"auroc.{label}") for label in LABELS],
+            "CheXNet (test, theirs)": [CHEXNET_TEST_AUROC[label] for label in LABELS],
+            "poster (val, theirs)": [POSTER_VAL_AUROC[label] for label in LABELS],
+        },
+        index=list(LABELS),
+    ).astype(float)
     table.loc["mean"] = [best["mean_auroc"], 0.841, 0.804]
     return table
 
@@ -149,8 +177,19 @@ def auroc_comparison(train: pd.DataFrame) -> pd.DataFrame:
 def _facet(data: pd.DataFrame, y: str, hue: str, title: str, ylabel: str, style=None):
     import seaborn as sns
 
-    grid = sns.relplot(data=data, x="ranks", y=y, hue=hue, style=style, col="model", kind="line",
-                       marker="o", height=3.6, aspect=1.2, facet_kws={"sharey": False})
+    grid = sns.relplot(
+        data=data,
+        x="ranks",
+        y=y,
+        hue=hue,
+        style=style,
+        col="model",
+        kind="line",
+        marker="o",
+        height=3.6,
+        aspect=1.2,
+        facet_kws={"sharey": False},
+    )
     grid.set_axis_labels("Horovod ranks", ylabel)
     for ax in grid.axes.flat:
         ax.set_xticks(sorted(data["ranks"].unique()))
@@ -160,15 +199,26 @@ def _facet(data: pd.DataFrame, y: str, hue: str, title: str, ylabel: str, style=
 
 def plot_pipelines(train: pd.DataFrame):
     """Poster figures 1 and 2: images/s of naive vs optimized against ranks, per model."""
-    return _facet(train, "images_per_sec", "pipeline", "Naive vs optimized tf.data pipeline "
-                  "(poster figures 1-2)", "images/s (all ranks)", style="input")
+    return _facet(
+        train,
+        "images_per_sec",
+        "pipeline",
+        "Naive vs optimized tf.data pipeline (poster figures 1-2)",
+        "images/s (all ranks)",
+        style="input",
+    )
 
 
 def plot_sources(train: pd.DataFrame):
     """Poster figure 3: raw PNG vs TFRecords (both variants) against ranks, optimized pipeline."""
     optimized = train[train["pipeline"] == "optimized"]
-    return _facet(optimized, "images_per_sec", "input", "Raw PNG vs TFRecords, optimized pipeline "
-                  "(poster figure 3)", "images/s (all ranks)")
+    return _facet(
+        optimized,
+        "images_per_sec",
+        "input",
+        "Raw PNG vs TFRecords, optimized pipeline (poster figure 3)",
+        "images/s (all ranks)",
+    )
 
 
 def plot_records_gain(gain: pd.DataFrame):
@@ -184,7 +234,9 @@ def plot_records_gain(gain: pd.DataFrame):
         ax.axhline(0, color="0.3", lw=1)
         theirs = POSTER_RECORDS_GAIN.get(model)
         if theirs is not None:
-            ax.axhline(theirs, color="C3", ls="--", lw=1.2, label=f"poster, 4 V100s (theirs): +{theirs} %")
+            ax.axhline(
+                theirs, color="C3", ls="--", lw=1.2, label=f"poster, 4 V100s (theirs): +{theirs} %"
+            )
         ax.set_title(model)
         ax.set_xlabel("Horovod ranks")
         ax.set_ylabel("images/s gain over raw PNG (%)")
@@ -204,7 +256,12 @@ def plot_scaling(train: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(8, 4))
     sns.lineplot(data=ours, x="ranks", y="scaling_efficiency", hue="who", marker="o", ax=ax)
     theirs = poster_scaling()
-    ax.plot(theirs["ranks"], theirs["scaling_efficiency"], "k--o", label="poster DenseNet121 (theirs, V100)")
+    ax.plot(
+        theirs["ranks"],
+        theirs["scaling_efficiency"],
+        "k--o",
+        label="poster DenseNet121 (theirs, V100)",
+    )
     ax.axhline(1.0, color="0.6", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(set(theirs["ranks"]) | set(ours["ranks"])))
@@ -222,9 +279,18 @@ def plot_ceiling(train: pd.DataFrame):
     import seaborn as sns
 
     data = train.dropna(subset=["fraction_of_synthetic"])
-    grid = sns.catplot(data=data, x="input", y="fraction_of_synthetic", hue="pipeline", col="model",
-                       row="ranks", kind="bar", height=3.0, aspect=1.4, order=[
-                           i for i in INPUT_ORDER if i in set(data["input"])])
+    grid = sns.catplot(
+        data=data,
+        x="input",
+        y="fraction_of_synthetic",
+        hue="pipeline",
+        col="model",
+        row="ranks",
+        kind="bar",
+        height=3.0,
+        aspect=1.4,
+        order=[i for i in INPUT_ORDER if i in set(data["input"])],
+    )
     for ax in grid.axes.flat:
         ax.axhline(1.0, color="0.3", lw=1)
         ax.axhline(0.97, color="C3", ls="--", lw=1)
@@ -240,7 +306,9 @@ def _ratio_text(values: pd.Series) -> str:
     values = values.dropna()
     if values.empty:
         return "n/a"
-    return f"{values.median():.2f}x (range {values.min():.2f}-{values.max():.2f}, {len(values)} pairs)"
+    return (
+        f"{values.median():.2f}x (range {values.min():.2f}-{values.max():.2f}, {len(values)} pairs)"
+    )
 
 
 def conclusions(tables: dict) -> str:
@@ -250,34 +318,48 @@ def conclusions(tables: dict) -> str:
         keys = ["model", "input", "ranks"]
         piv = train.pivot_table(index=keys, columns="pipeline", values="images_per_sec")
         if {"naive", "optimized"} <= set(piv.columns):
-            lines.append(f"- Training, optimized over naive pipeline: {_ratio_text(piv['optimized'] / piv['naive'])}.")
+            lines.append(
+                f"- Training, optimized over naive pipeline: {_ratio_text(piv['optimized'] / piv['naive'])}."
+            )
         gain = tables["gain"]
         for variant in sorted(gain["input"].unique()) if not gain.empty else []:
             g = gain[(gain["input"] == variant) & (gain["pipeline"] == "optimized")]["gain_percent"]
             if len(g):
-                lines.append(f"- {variant} over raw PNG (optimized): median {g.median():+.1f} % "
-                             f"(range {g.min():+.1f} to {g.max():+.1f} %); the poster (theirs) measured "
-                             f"+8.4 % (ResNet50) and +13.1 % (DenseNet121) on 4 V100s.")
+                lines.append(
+                    f"- {variant} over raw PNG (optimized): median {g.median():+.1f} % "
+                    f"(range {g.min():+.1f} to {g.max():+.1f} %); the poster (theirs) measured "
+                    f"+8.4 % (ResNet50) and +13.1 % (DenseNet121) on 4 V100s."
+                )
         eff = train[train["ranks"] > 1]["scaling_efficiency"].dropna()
         if len(eff):
-            lines.append(f"- Scaling efficiency at {int(train['ranks'].max())} ranks: median {eff.median():.0%} "
-                         f"(poster, theirs: 79.6 % at 4 GPUs, 64.6 % at 16).")
+            lines.append(
+                f"- Scaling efficiency at {int(train['ranks'].max())} ranks: median {eff.median():.0%} "
+                f"(poster, theirs: 79.6 % at 4 GPUs, 64.6 % at 16)."
+            )
         frac = train.loc[train["pipeline"] == "optimized", "fraction_of_synthetic"].dropna()
         if len(frac):
-            lines.append(f"- Optimized real-data throughput is a median {frac.median():.0%} of the "
-                         f"synthetic ceiling ({(frac >= 0.97).sum()} of {len(frac)} runs reach 97 %).")
+            lines.append(
+                f"- Optimized real-data throughput is a median {frac.median():.0%} of the "
+                f"synthetic ceiling ({(frac >= 0.97).sum()} of {len(frac)} runs reach 97 %)."
+            )
         best = train["mean_auroc"].dropna()
         if len(best):
-            lines.append(f"- Best mean AUROC {best.max():.3f} (CheXNet, theirs: 0.841 on the NIH test set).")
+            lines.append(
+                f"- Best mean AUROC {best.max():.3f} (CheXNet, theirs: 0.841 on the NIH test set)."
+            )
     thr = tables.get("throughput")
     if thr is not None and not thr.empty and "fraction_of_limit" in thr:
         opt = thr[thr["pipeline"] == "optimized"].dropna(subset=["fraction_of_limit"])
         for _, r in opt.iterrows():
-            lines.append(f"- Pipeline alone, optimized on {r.get('source_variant', r['source'])}: "
-                         f"{r['images_per_sec']:.0f} images/s, {r['fraction_of_limit']:.0%} of the CPU limit.")
+            lines.append(
+                f"- Pipeline alone, optimized on {r.get('source_variant', r['source'])}: "
+                f"{r['images_per_sec']:.0f} images/s, {r['fraction_of_limit']:.0%} of the CPU limit."
+            )
     hardware = sorted(set(train["hardware"].dropna())) if not train.empty else []
-    lines.append(f"- Hardware of our numbers: {'; '.join(hardware) or 'see the run records'}. "
-                 f"{POSTER_HARDWARE}.")
+    lines.append(
+        f"- Hardware of our numbers: {'; '.join(hardware) or 'see the run records'}. "
+        f"{POSTER_HARDWARE}."
+    )
     return "\n".join(lines)
 
 

@@ -108,7 +108,10 @@ def _rewrite_csv(root: Path, edit) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda r: r[3].__setitem__(1, "Cardiomegaly|Broken_Heart"), r"line 4 .*unknown label.*Broken_Heart"),
+        (
+            lambda r: r[3].__setitem__(1, "Cardiomegaly|Broken_Heart"),
+            r"line 4 .*unknown label.*Broken_Heart",
+        ),
         (lambda r: r[2].__setitem__(3, "abc"), r"line 3 .*Patient ID.*not an integer"),
         (lambda r: r.__setitem__(5, r[5][:3]), r"line 6: expected 12 fields"),
         (lambda r: r.append(list(r[1])), r"line 10: duplicate image 00000001_000.png"),
@@ -143,7 +146,10 @@ def test_duplicate_file_across_archives(nih):
     ("lists", "message"),
     [
         ({"test_list.txt": TEST + ["00000001_000.png"]}, "overlap.*00000001_000.png"),
-        ({"test_list.txt": TEST + ["99999999_000.png"]}, "test_list.txt names image.*99999999_000.png"),
+        (
+            {"test_list.txt": TEST + ["99999999_000.png"]},
+            "test_list.txt names image.*99999999_000.png",
+        ),
         ({"test_list.txt": TEST[:1]}, "neither .*00000006_000.png"),
         ({"test_list.txt": TEST + TEST[:1]}, "listed twice.*00000005_000.png"),
     ],

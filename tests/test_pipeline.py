@@ -399,3 +399,26 @@ def test_reading_through_a_local_tf_data_service(sources, synth_metadata):
         )
         x, y = next(iter(ds))
         assert x.shape == (BATCH, SIZE, SIZE, 3) and y.shape == (BATCH, len(LABELS))
+
+
+@pytest.mark.slow
+def test_chexlib_data_service_command_serves_a_pipeline(sources):
+    """`chexlib data-service local` prints the dispatcher address a pipeline then reads through."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "chexlib.cli", "data-service", "local", "--workers", "1"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("tf.data service: dispatcher grpc://"), first
+        address = first.split()[3].rstrip(",")
+        x, _ = next(iter(build(sources["compact"], data_service=address)))
+        assert x.shape == (BATCH, SIZE, SIZE, 3)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0  # SIGTERM stops its dispatcher and worker too

@@ -28,8 +28,12 @@ def _spec(tmp_path, grid, fail_values=(), name="probe") -> Path:
     }
     if fail_values:
         spec["stages"].append(
-            {"name": "broken", "notebook": str(PROBE), "grid": {"VALUE": list(fail_values)},
-             "parameters": {"FAIL": True}}
+            {
+                "name": "broken",
+                "notebook": str(PROBE),
+                "grid": {"VALUE": list(fail_values)},
+                "parameters": {"FAIL": True},
+            }
         )
         spec["stages"].append({"name": "after", "notebook": str(PROBE), "parameters": {"VALUE": 9}})
     path = tmp_path / f"{name}.yaml"
@@ -83,7 +87,15 @@ def test_runs_resumes_and_reports_failures(tmp_path):
 @pytest.mark.slow
 def test_cli_exit_status(tmp_path):
     spec = _spec(tmp_path, [1], fail_values=[5])
-    cmd = [sys.executable, "-m", "chexlib.cli", "study", str(spec), "--outputs", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chexlib.cli",
+        "study",
+        str(spec),
+        "--outputs",
+        str(tmp_path / "o"),
+    ]
     dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
     assert dry.returncode == 0 and "3 runs, 0 already complete" in dry.stdout
     res = subprocess.run(cmd + ["--no-html"], capture_output=True, text=True)
@@ -100,7 +112,10 @@ def test_cases_cross_the_grid_and_label_run_ids(tmp_path):
     )
     runs = expand(load_spec(spec_path), tmp_path / "out")
     assert [(r.parameters["A"].split("/")[-1], r.parameters["B"]) for r in runs] == [
-        ("x", 1), ("x", 2), ("plain", 1), ("plain", 2)
+        ("x", 1),
+        ("x", 2),
+        ("plain", 1),
+        ("plain", 2),
     ]
     assert all("_label" not in r.parameters for r in runs)
     assert runs[0].run_id.startswith("first_b-1_") and runs[2].run_id.startswith("a-plain_b-1_")

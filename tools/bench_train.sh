@@ -27,12 +27,12 @@ PY="$VENV/bin/python"
 BENCH_DIR=${BENCH_DIR:-outputs/bench}
 OUT="$BENCH_DIR/train"
 DATA=${BENCH_TRAIN_DATA:-$BENCH_DIR/train-data}     # generated NIH-layout dataset (reused)
-RECORDS="$OUT/records-compact"
 N_IMAGES=${BENCH_TRAIN_IMAGES:-1200}               # enough for STEPS x BATCH per rank at 2 ranks
 SOURCE_SIZE=${BENCH_TRAIN_SOURCE_SIZE:-1024}       # PNG side, as NIH's
 MODELS=${BENCH_TRAIN_MODELS:-"densenet121 resnet50"}
 RANKS=${BENCH_TRAIN_RANKS:-"1 2"}
 IMAGE_SIZE=${BENCH_TRAIN_IMAGE_SIZE:-224}
+RECORDS="$OUT/records-compact-$IMAGE_SIZE"         # written at the model size
 BATCH=${BENCH_TRAIN_BATCH:-16}                     # per rank
 STEPS=${BENCH_TRAIN_STEPS:-20}                     # steps per run: WARMUP + windows x WINDOW
 WARMUP=${BENCH_TRAIN_WARMUP:-4}                    # untimed steps (compilation, start-up)
@@ -44,8 +44,8 @@ mkdir -p "$OUT/runs"
 echo "== dataset: $N_IMAGES generated images of ${SOURCE_SIZE}x${SOURCE_SIZE} in $DATA"
 "$CHEXLIB" synth "$DATA" --images "$N_IMAGES" --size "$SOURCE_SIZE" --seed 0 --no-progress > /dev/null
 if [[ " $INPUTS " == *" optimized-records "* ]]; then
-  echo "== records: compact (256 px) in $RECORDS"
-  "$CHEXLIB" convert "$DATA" "$RECORDS" --variant compact --size 256 --no-progress > /dev/null
+  echo "== records: compact (${IMAGE_SIZE} px, the model size) in $RECORDS"
+  "$CHEXLIB" convert "$DATA" "$RECORDS" --variant compact --size "$IMAGE_SIZE" --no-progress > /dev/null
 fi
 
 common=(--epochs 1 --steps-per-epoch "$STEPS" --batch-size "$BATCH" --image-size "$IMAGE_SIZE"
