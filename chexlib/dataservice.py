@@ -19,7 +19,7 @@ From a shell, a dispatcher and N workers on this host (prints the address)::
 On a cluster, one dispatcher and one worker per CPU host::
 
     chexlib data-service dispatcher --port 5050
-    chexlib data-service worker --dispatcher HOST:5050 --port 5051
+    chexlib data-service worker --dispatcher HOST:5050 --port 5051 --host "$(hostname)"
 """
 
 from __future__ import annotations
@@ -129,8 +129,13 @@ def start_local_service(n_workers: int = 2, port: int = 0, timeout: float = 120.
     return LocalService(n_workers, port, timeout).start()
 
 
-def serve(role: str, port: int = 0, dispatcher: str | None = None) -> None:
-    """Run one dispatcher or worker in this process until it is terminated."""
+def serve(role: str, port: int = 0, dispatcher: str | None = None, host: str | None = None) -> None:
+    """Run one dispatcher or worker in this process until it is terminated.
+
+    ``host``: the name trainers on other hosts reach a worker at; TensorFlow
+    registers a worker as ``localhost:PORT`` unless told, which only works
+    when the trainer runs on the same host.
+    """
     import tensorflow as tf
 
     service = tf.data.experimental.service
@@ -138,8 +143,11 @@ def serve(role: str, port: int = 0, dispatcher: str | None = None) -> None:
         server = service.DispatchServer(service.DispatcherConfig(port=port))
         address = server.target
     else:
+        worker_address = f"{host}:%port%" if host else "localhost:%port%"
         server = service.WorkerServer(
-            service.WorkerConfig(dispatcher_address=dispatcher, port=port)
+            service.WorkerConfig(
+                dispatcher_address=dispatcher, worker_address=worker_address, port=port
+            )
         )
         address = f"grpc://{server._address}"  # the bound port (port=0 picks one)
     print(READY, address, flush=True)
@@ -156,13 +164,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     parser.add_argument("--dispatcher", default=None, help="HOST:PORT of the dispatcher (workers)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (local)")
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="worker: host name trainers reach it at (default localhost; on a cluster, "
+        "this host's name, e.g. $(hostname))",
+    )
 
 
 def run(args) -> int:
     if args.role == "worker" and not args.dispatcher:
         raise SystemExit("chexlib data-service worker: needs --dispatcher HOST:PORT")
     if args.role != "local":
-        serve(args.role, args.port, args.dispatcher)
+        serve(args.role, args.port, args.dispatcher, args.host)
         return 0
 
     def interrupted(*_):
