@@ -119,6 +119,12 @@ class TrainConfig:
     synthetic: bool = _opt(
         "train on one repeated random batch: the throughput ceiling", default=False
     )
+    paired_synthetic: bool = _opt(
+        "BENCHMARK ONLY: alternate timed windows between the real input and one repeated "
+        "random batch in the same process (real/synthetic without run-to-run noise); "
+        "half the steps train on random data, so no evaluation",
+        default=False,
+    )
     resume: bool = _opt("continue from the last complete epoch in --out", default=False)
     seed: int = _opt("seed of weights, data order and flips (per epoch: seed, epoch)", default=0)
     deterministic: bool = _opt(
@@ -169,6 +175,10 @@ class TrainConfig:
         check(
             self.throughput_warmup_steps >= 0 and self.throughput_window_steps >= 1,
             "throughput_warmup_steps must be >= 0 and throughput_window_steps >= 1",
+        )
+        check(
+            not (self.synthetic and self.paired_synthetic),
+            "--paired-synthetic already alternates with synthetic data; drop --synthetic",
         )
         if not self.synthetic:
             check(self.source != "raw" or self.data, "source raw needs --data DATA_DIR")
@@ -317,7 +327,7 @@ class RankData:
             return pipeline.synthetic_dataset(
                 self.config.batch_size, self.config.image_size, seed=self.config.seed
             )
-        return pipeline.build_dataset(
+        real = pipeline.build_dataset(
             self.config.source,
             "train",
             training=True,
@@ -326,12 +336,57 @@ class RankData:
             data_service=self.config.data_service,
             **self.common,
         )
+        return paired_with_synthetic(real, self.config) if self.config.paired_synthetic else real
 
     def evaluation(self, split: str):
         """Every image of this rank's part of ``split`` once (the last batch may be smaller)."""
         from chexlib import pipeline
 
         return pipeline.build_dataset(self.config.source, split, training=False, **self.common)
+
+
+def paired_with_synthetic(real, config: TrainConfig):
+    """Warm-up steps from ``real``, then windows alternating ``real`` / synthetic.
+
+    Window k after warm-up (``throughput_window_steps`` steps each) is real for
+    even k and synthetic for odd k, so :class:`ThroughputCallback` windows pair
+    up. Adjacent windows share the machine's state of the moment, which cancels
+    the slow drifts that make separate runs differ by 10 % or more here.
+    """
+    import tensorflow as tf
+
+    from chexlib import pipeline
+
+    synthetic = pipeline.synthetic_dataset(config.batch_size, config.image_size, seed=config.seed)
+    w = config.throughput_window_steps
+    warmup = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(
+        config.throughput_warmup_steps
+    )
+    pairs = tf.data.Dataset.from_tensor_slices(tf.constant([0] * w + [1] * w, tf.int64)).repeat()
+    return tf.data.Dataset.choose_from_datasets([real, synthetic], warmup.concatenate(pairs))
+
+
+def paired_summary(rates: list[float], indices: list[int]) -> dict:
+    """Real/synthetic from alternating windows: each real window k (even) with
+    the synthetic window k + 1 of the same epoch that follows it."""
+    import itertools
+
+    ratios, real, synth = [], [], []
+    for (i, a), (j, b) in itertools.pairwise(zip(indices, rates, strict=True)):
+        if i % 2 == 0 and j == i + 1:
+            ratios.append(a / b)
+            real.append(a)
+            synth.append(b)
+    if not ratios:
+        return {"pairs": 0, "ratio_median": None, "real_median": None, "synthetic_median": None}
+    return {
+        "pairs": len(ratios),
+        "ratio_median": float(np.median(ratios)),
+        "ratio_min": float(np.min(ratios)),
+        "ratio_max": float(np.max(ratios)),
+        "real_median": float(np.median(real)),
+        "synthetic_median": float(np.median(synth)),
+    }
 
 
 def _manifest_shard_records(records_dir, split: str) -> list[int] | None:
@@ -467,6 +522,7 @@ def _make_callbacks():
             super().__init__()
             self.batch_size, self.warmup, self.window = batch_size, warmup_steps, window_steps
             self.rates: list[float] = []
+            self.window_index: list[int] = []  # each rate's window number within its epoch
             self.epoch_rates: list[float] = []
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -485,6 +541,7 @@ def _make_callbacks():
             if self.in_window == self.window:
                 rate = self.window * self.batch_size / (now - self.start)
                 self.rates.append(rate)
+                self.window_index.append(len(self.epoch_rates))
                 self.epoch_rates.append(rate)
                 self.start, self.in_window = now, 0
 
@@ -692,7 +749,11 @@ class _Run:
         self.out = Path(config.out)
         self.history: list[dict] = []
         self.data = RankData(config, self.rank, self.size)
-        self.evaluate = config.evaluate and self.data.has_data and not config.synthetic
+        self.evaluate = (
+            config.evaluate
+            and self.data.has_data
+            and not (config.synthetic or config.paired_synthetic)
+        )
         self._check_out_dir()
 
     # -- set-up ------------------------------------------------------------------
@@ -935,7 +996,12 @@ class _Run:
         from chexlib.results import environment_info
 
         # Horovod: collect every rank's throughput windows.
-        per_rank = hvd_tf.allgather_object(throughput_summary(self.throughput.rates))
+        rates, index = self.throughput.rates, self.throughput.window_index
+        paired = None
+        if self.config.paired_synthetic:  # images/s from the real windows only
+            paired = hvd_tf.allgather_object(paired_summary(rates, index))
+            rates = [r for r, i in zip(rates, index, strict=True) if i % 2 == 0]
+        per_rank = hvd_tf.allgather_object(throughput_summary(rates))
         digests = hvd_tf.allgather_object(self.weights_digest())
         medians = [r["median"] for r in per_rank]
         timed = all(m is not None for m in medians)
@@ -955,7 +1021,9 @@ class _Run:
             )
         )
         none_reason = (
-            "synthetic data: no evaluation" if self.config.synthetic else "evaluation switched off"
+            "synthetic data: no evaluation"
+            if self.config.synthetic or self.config.paired_synthetic
+            else "evaluation switched off"
         )
         c = self.config
         return {
@@ -965,6 +1033,12 @@ class _Run:
             "source": c.source,
             "pipeline": c.pipeline,
             "synthetic": c.synthetic,
+            "paired_synthetic": paired,  # per rank, with --paired-synthetic
+            "fraction_of_synthetic_paired": (
+                float(np.median([p["ratio_median"] for p in paired]))
+                if paired and all(p["ratio_median"] for p in paired)
+                else None
+            ),
             "image_size": c.image_size,
             "batch_size_per_rank": c.batch_size,
             "global_batch_size": c.batch_size * self.size,

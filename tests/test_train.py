@@ -272,6 +272,45 @@ def test_synthetic_run_measures_throughput_without_data(tmp_path):
     assert json.loads((tmp_path / "syn" / "metrics.json").read_text())["synthetic"] is True
 
 
+def test_paired_windows_alternate_real_and_synthetic_batches():
+    import numpy as np
+    import tensorflow as tf
+
+    config = T.TrainConfig(
+        synthetic=False, data="unused", batch_size=2, image_size=32,
+        throughput_warmup_steps=3, throughput_window_steps=2, paired_synthetic=True,
+    )  # fmt: skip
+    real = tf.data.Dataset.from_tensors(
+        (tf.zeros([2, 32, 32, 3]), tf.zeros([2, 14]))
+    ).repeat()  # real batches are all zeros; synthetic ones are random normal
+    kinds = [
+        "real" if not np.any(images.numpy()) else "synthetic"
+        for images, _ in T.paired_with_synthetic(real, config).take(11)
+    ]
+    assert kinds == ["real"] * 3 + ["real", "real", "synthetic", "synthetic"] * 2
+    pairs = T.paired_summary([10.0, 20.0, 9.0, 10.0, 5.0], [0, 1, 2, 3, 0])
+    assert pairs["pairs"] == 2 and pairs["ratio_median"] == pytest.approx(0.7)
+
+
+@pytest.mark.slow
+def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
+    config = tiny_config(
+        synth_dir, tmp_path / "paired", epochs=1, steps_per_epoch=10, paired_synthetic=True
+    )  # 2 warm-up steps, then 4 windows of 2: real, synthetic, real, synthetic
+    result = subprocess.run(
+        [CHEXLIB, "train", *T.config_to_argv(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "paired" / "metrics.json").read_text())
+    paired = metrics["paired_synthetic"][0]
+    assert paired["pairs"] == 2 and paired["real_median"] > 0 and paired["synthetic_median"] > 0
+    assert metrics["fraction_of_synthetic_paired"] == pytest.approx(paired["ratio_median"])
+    assert metrics["throughput"]["per_rank"][0]["windows"] == 2  # images/s from real windows only
+    assert metrics["mean_auroc"] is None  # half the steps saw random data: no evaluation
+    with pytest.raises(ValueError, match="drop --synthetic"):
+        tiny_config(synth_dir, tmp_path / "x", synthetic=True, paired_synthetic=True)
+
+
 @pytest.mark.slow
 def test_mixed_precision_and_xla_on_cpu(synth_dir, tmp_path):
     """Both switches work on CPU (XLA by auto-clustering; a GPU would be needed to see speed-ups)."""
