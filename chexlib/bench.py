@@ -59,6 +59,8 @@ class BenchConfig:
         warmup_batches: batches before timing starts.
         batches: timed batches, split into ``windows`` equal windows.
         windows: timed windows (the median and spread are over them).
+        min_window_sec: a window also lasts at least this long, so fast
+            sources are timed over seconds, not milliseconds.
         device_rate: images/s of a simulated accelerator, or None (none).
         single_core: also measure the single-core rate and the limit.
         single_core_batches: timed batches of the single-core measurement.
@@ -82,6 +84,7 @@ class BenchConfig:
     warmup_batches: int = 10
     batches: int = 60
     windows: int = 5
+    min_window_sec: float = 1.0
     device_rate: float | None = None
     single_core: bool = True
     single_core_batches: int = 6
@@ -113,6 +116,7 @@ class BenchConfig:
         )
         check(self.batch_size >= 1 and self.image_size >= 8, "batch_size >= 1 and image_size >= 8")
         check(self.windows >= 1 and self.batches >= self.windows, "need batches >= windows >= 1")
+        check(self.min_window_sec >= 0, "min_window_sec must be >= 0")
         check(
             self.warmup_batches >= 0 and self.single_core_batches >= 1,
             "warm-up >= 0, single-core batches >= 1",
@@ -194,8 +198,13 @@ def time_batches(
     windows: int,
     device_rate: float | None = None,
     progress: str | None = None,
+    min_window_sec: float = 0.0,
 ) -> Timing:
     """Pull ``warmup`` batches, then time ``batches`` more in ``windows`` windows.
+
+    A window also lasts at least ``min_window_sec``: a fast source (compact
+    records: thousands of images/s) would otherwise be timed over a few
+    hundredths of a second, where scheduling noise is the whole measurement.
 
     Args:
         next_batch: callable returning the next batch (its first item's
@@ -222,8 +231,9 @@ def time_batches(
     cpu_start = time.process_time()
     start = time.perf_counter()
     for _ in range(windows):
-        t0, images = time.perf_counter(), 0
-        for _ in range(per_window):
+        t0, images, pulled = time.perf_counter(), 0, 0
+        while pulled < per_window or time.perf_counter() - t0 < min_window_sec:
+            pulled += 1
             a = time.perf_counter()
             batch = next_batch()
             timing.stall_sec += time.perf_counter() - a
@@ -298,7 +308,9 @@ def single_core_rate(cfg: BenchConfig, metadata=None) -> float:
             max_intra_op_parallelism=1,
             cache=None,
         )
-    timing = time_batches(next_batch, warmup=1, batches=batches, windows=windows)
+    timing = time_batches(
+        next_batch, warmup=1, batches=batches, windows=windows, min_window_sec=cfg.min_window_sec
+    )
     return statistics.median(timing.window_rates)
 
 
@@ -429,6 +441,7 @@ def measure(
             windows=cfg.windows,
             device_rate=cfg.device_rate,
             progress=f"{cfg.pipeline} {cfg.source}" if progress else None,
+            min_window_sec=cfg.min_window_sec,
         )
     finally:
         stop()
@@ -938,6 +951,7 @@ class ProfileConfig:
     warmup_batches: int = 10
     batches: int = 40
     repeats: int = 5
+    min_window_sec: float = 1.0
     device_rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.9, 1.2)
     utilization_source: str = "raw"
     ablation_sources: tuple[str, ...] = ("raw", "records-compact")
@@ -991,6 +1005,7 @@ class ProfileConfig:
             warmup_batches=self.warmup_batches,
             batches=self.batches,
             windows=self.repeats,
+            min_window_sec=self.min_window_sec,
             keras_workers=self.keras_workers or None,
             seed=self.seed,
         )
@@ -1153,6 +1168,12 @@ def add_bench_pipeline_arguments(parser) -> None:
     a("--batches", type=int, default=60, help="timed batches (split into --windows windows)")
     a("--windows", type=int, default=5, help="timed windows: images/s is their median")
     a("--warmup", dest="warmup_batches", type=int, default=10, help="batches before timing")
+    a(
+        "--min-window-sec",
+        type=float,
+        default=1.0,
+        help="a timed window also lasts at least this many seconds (fast sources)",
+    )
     a(
         "--device-rate",
         type=float,

@@ -18,7 +18,13 @@ from chexlib import bench
 from chexlib.cli import main
 
 TINY = dict(
-    batch_size=4, image_size=32, warmup_batches=1, batches=4, windows=2, single_core_batches=2
+    batch_size=4,
+    image_size=32,
+    warmup_batches=1,
+    batches=4,
+    windows=2,
+    single_core_batches=2,
+    min_window_sec=0.0,
 )
 
 
@@ -30,6 +36,14 @@ def fake_batches(seconds_per_batch: float, n: int = 4):
         return batch
 
     return next_batch
+
+
+def test_a_window_lasts_at_least_min_window_sec():
+    timing = bench.time_batches(
+        fake_batches(0.0), warmup=0, batches=2, windows=2, min_window_sec=0.2
+    )
+    assert len(timing.window_rates) == 2 and timing.wall_sec >= 0.4
+    assert timing.images > 2 * 4  # more batches than asked were pulled to fill the time
 
 
 def test_time_batches_windows_and_simulated_utilization():
@@ -327,6 +341,7 @@ def test_notebook_03_runs_with_tiny_parameters(synth_dir, tmp_path, monkeypatch)
         ABLATION_SOURCES=["raw"],
         RECORDS_SIZE=48,
         KERAS_WORKERS=2,
+        MIN_WINDOW_SEC=0.0,
     )
     run_notebook("03_pipeline_profiling", out / "03_pipeline_profiling.ipynb", params)
     metrics = json.loads((out / "metrics.json").read_text())
