@@ -182,8 +182,10 @@ def run(args) -> int:
     def interrupted(*_):
         raise KeyboardInterrupt
 
+    service = LocalService(args.workers, args.port)
     signal.signal(signal.SIGTERM, interrupted)  # `kill` too stops the child processes
-    with start_local_service(args.workers, args.port) as service:
+    try:
+        service.start()
         print(
             f"tf.data service: dispatcher {service.address}, workers "
             f"{' '.join(service.worker_addresses)}; logs in {service._logdir}",
@@ -194,11 +196,12 @@ def run(args) -> int:
             "(or build_dataset(..., data_service=ADDRESS)); Ctrl-C stops it",
             flush=True,
         )
-        try:
-            while all(p.poll() is None for p in service._procs):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            return 0
+        while all(p.poll() is None for p in service._procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    finally:  # also when interrupted while starting: no orphaned servers
+        service.stop()
     print("a tf.data service process ended; stopped the others", file=sys.stderr)
     return 1
 

@@ -382,6 +382,8 @@ def preprocess_image(
     the flip, or None for a stateful random flip.
     """
     gray = tf.convert_to_tensor(gray)
+    if gray.dtype != tf.uint8:  # the table lookup indexes by 8-bit grey level
+        raise TypeError(f"preprocess_image takes uint8 images, not {gray.dtype.name}")
     if gray.shape.rank == 2:
         gray = gray[..., tf.newaxis]
     return normalize_gray(resize_gray(gray, image_size), model, training, seed)

@@ -67,6 +67,8 @@ def training_table(records: list[dict]) -> pd.DataFrame:
             "auroc_split": m.get("auroc_split"),
             "image_size": m.get("image_size"),
             "batch_size_per_rank": m.get("batch_size_per_rank"),
+            "mixed_precision": bool(m.get("mixed_precision")),
+            "xla": bool(m.get("xla")),
             "hardware": (m.get("environment") or {}).get("hardware"),
         }
         row.update({f"auroc.{k}": v for k, v in (m.get("auroc") or {}).items()})
@@ -84,7 +86,7 @@ def training_table(records: list[dict]) -> pd.DataFrame:
         table[col] = pd.to_numeric(table[col], errors="coerce")
     # The synthetic ceiling depends on the model and its configuration, not on the
     # input: a study may measure it in one run per configuration and share it.
-    same = ["model", "ranks", "image_size", "batch_size_per_rank"]
+    same = ["model", "ranks", "image_size", "batch_size_per_rank", "mixed_precision", "xla"]
     shared = table.groupby(same, dropna=False)["synthetic_images_per_sec"].transform("median")
     missing = table["synthetic_images_per_sec"].isna() & shared.notna()
     table["synthetic_shared"] = missing

@@ -575,6 +575,8 @@ def _make_callbacks():
                     val_auroc_reasons=result["auroc_reasons"],
                 )
             rates = self.run.throughput.epoch_rates
+            if self.run.config.paired_synthetic:  # odd windows ran on synthetic batches
+                rates = rates[0::2]
             record.update(
                 train_seconds=train_seconds,
                 eval_seconds=time.perf_counter() - self.start - train_seconds,
