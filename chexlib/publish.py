@@ -65,7 +65,11 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
     training = pd.read_csv(training_csv) if training_csv.is_file() else pd.DataFrame()
     written = datetime.fromtimestamp(metrics_file.stat().st_mtime, tz=UTC)
     env = metrics.get("environment") or {}
-    study = params.get("study_dir", str(summary_dir.parent))
+    study = Path(params.get("study_dir", summary_dir.parent))
+    try:  # a path a reader of the README can follow, not this machine's
+        study = study.resolve().relative_to(Path(readme_dir).resolve())
+    except ValueError:
+        pass
     try:
         rel_docs = Path(docs_dir).resolve().relative_to(Path(readme_dir).resolve())
     except ValueError:
