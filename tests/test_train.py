@@ -295,8 +295,13 @@ def test_paired_windows_alternate_real_and_synthetic_batches():
 @pytest.mark.slow
 def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
     config = tiny_config(
-        synth_dir, tmp_path / "paired", epochs=1, steps_per_epoch=10, paired_synthetic=True
-    )  # 2 warm-up steps, then 4 windows of 2: real, synthetic, real, synthetic
+        synth_dir,
+        tmp_path / "paired",
+        epochs=1,
+        steps_per_epoch=8,  # the whole training shard of the test dataset
+        throughput_warmup_steps=0,
+        paired_synthetic=True,
+    )  # 4 windows of 2 steps: real, synthetic, real, synthetic
     result = subprocess.run(
         [CHEXLIB, "train", *T.config_to_argv(config)], capture_output=True, text=True, timeout=300
     )
