@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -314,7 +316,9 @@ def test_profile_config_validates():
 
 def _kernel_env(monkeypatch):
     listed = subprocess.run(
-        [".venv/bin/jupyter", "kernelspec", "list"], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "jupyter"), "kernelspec", "list"],
+        capture_output=True,
+        text=True,
     )
     if "chexlib" not in listed.stdout:
         monkeypatch.setenv("CHEXLIB_KERNEL", "python3")
