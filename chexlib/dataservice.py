@@ -96,6 +96,15 @@ class LocalService:
                 proc.stdout.close()
         self._procs.clear()
 
+    @property
+    def log_dir(self) -> Path:
+        """Folder of the dispatcher's and workers' logs."""
+        return self._logdir
+
+    def alive(self) -> bool:
+        """Every process of the service still runs."""
+        return all(p.poll() is None for p in self._procs)
+
     def __enter__(self) -> LocalService:
         return self.start() if not self._procs else self
 
@@ -188,7 +197,7 @@ def run(args) -> int:
         service.start()
         print(
             f"tf.data service: dispatcher {service.address}, workers "
-            f"{' '.join(service.worker_addresses)}; logs in {service._logdir}",
+            f"{' '.join(service.worker_addresses)}; logs in {service.log_dir}",
             flush=True,
         )
         print(
@@ -196,7 +205,7 @@ def run(args) -> int:
             "(or build_dataset(..., data_service=ADDRESS)); Ctrl-C stops it",
             flush=True,
         )
-        while all(p.poll() is None for p in service._procs):
+        while service.alive():
             time.sleep(1)
     except KeyboardInterrupt:
         return 0
