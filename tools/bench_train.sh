@@ -63,12 +63,15 @@ declare -A input_args=(
   [naive-raw]="--source raw --data $DATA --pipeline naive"
 )
 
-rm -rf "$OUT/runs"
+# Runs of other invocations (other settings) stay on disk but not in this table.
 mkdir -p "$OUT/runs"
+made=()
 for model in $MODELS; do
   for np in $RANKS; do
     for input in $INPUTS; do
       run="$OUT/runs/$model-$input-np$np"
+      rm -rf "$run"
+      made+=("$run")
       echo "== $model, $input, $np rank(s): $STEPS steps of $BATCH per rank"
       # shellcheck disable=SC2206
       args=(train --model "$model" --out "$run" ${input_args[$input]} "${common[@]}")
@@ -85,7 +88,7 @@ for model in $MODELS; do
 done
 
 echo
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$OUT" "${made[@]}" <<'EOF'
 """Table of the runs just made: real images/s, paired synthetic, real/synthetic, 2 ranks / 1 rank."""
 import json
 import sys
@@ -95,7 +98,8 @@ import pandas as pd
 
 out = Path(sys.argv[1])
 rows = []
-for path in sorted((out / "runs").glob("*/metrics.json")):
+for run in sorted(sys.argv[2:]):
+    path = Path(run) / "metrics.json"
     m = json.loads(path.read_text())
     pairs = [p for p in m["paired_synthetic"] or [] if p["pairs"]]
     if len(pairs) != m["ranks"]:
