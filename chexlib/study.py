@@ -58,6 +58,7 @@ class Run:
     parameters: dict
     run_dir: Path
     html_name: str | None = None  # name of the HTML rendering; default: the notebook's
+    collects: bool = False  # a one-run stage reading every earlier run (the summary)
 
     @property
     def run_id(self) -> str:
@@ -206,6 +207,7 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
                     params,
                     run_dir,
                     stage.get("html"),
+                    collects="output_dir" in stage,
                 )
             )
     return runs
@@ -279,6 +281,11 @@ def run_study(
     """
     spec = load_spec(spec_path)
     runs = expand(spec, outputs)
+    statuses = _statuses(runs)  # over all stages: a summary depends on every run before it
+    for folder in _unlisted_run_folders(runs):
+        log(
+            f"note: {folder} is not a run of this spec (an earlier version?); summaries still read it"
+        )
     if only:
         unknown = set(only) - {s["name"] for s in spec["stages"]}
         if unknown:
@@ -287,7 +294,7 @@ def run_study(
     result, start = StudyResult(), time.time()
     todo = []
     for run in runs:
-        status = run.status()
+        status = statuses[run.run_dir]
         (result.skipped if status == "complete" else todo).append(run)
         if dry_run:
             log(f"{status:>10}  {run.stage}/{run.run_id}")
@@ -322,6 +329,40 @@ def run_study(
             f"  failed: {run.stage}/{run.run_id}\n    notebook: {run.executed}\n    error: {reason}"
         )
     return result
+
+
+def _statuses(runs: list[Run]) -> dict[Path, str]:
+    """Each run's status; a complete run that collects the study (the summary) is
+    ``stale`` when a run before it is not complete, or finished after it."""
+    statuses, latest, pending = {}, 0.0, False
+    for run in runs:
+        status = run.status()
+        if status == "complete" and run.collects and (pending or _finished(run) < latest):
+            status = "stale"
+        if status == "complete":
+            latest = max(latest, _finished(run))
+        else:
+            pending = True
+        statuses[run.run_dir] = status
+    return statuses
+
+
+def _finished(run: Run) -> float:
+    """When a complete run finished (its ``run.json`` was last written)."""
+    return (run.run_dir / "run.json").stat().st_mtime
+
+
+def _unlisted_run_folders(runs: list[Run]) -> list[Path]:
+    """Run folders in the study's stage folders that no run of the spec owns."""
+    owned = {r.run_dir for r in runs}
+    stage_dirs = {r.run_dir.parent for r in runs if not r.collects}
+    return sorted(
+        d
+        for parent in stage_dirs
+        if parent.is_dir()
+        for d in parent.iterdir()
+        if d.is_dir() and (d / "run.json").exists() and d not in owned
+    )
 
 
 def _clock(seconds: float) -> str:

@@ -63,6 +63,7 @@ def training_table(records: list[dict]) -> pd.DataFrame:
             "images_per_sec_per_rank": m.get("images_per_sec_per_rank"),
             "synthetic_images_per_sec": m.get("synthetic_images_per_sec"),
             "fraction_of_synthetic": m.get("fraction_of_synthetic"),
+            "synthetic_paired": m.get("paired_synthetic") is not None,
             "mean_auroc": m.get("mean_auroc"),
             "auroc_split": m.get("auroc_split"),
             "image_size": m.get("image_size"),

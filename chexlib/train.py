@@ -1143,6 +1143,26 @@ def throughput_frame(runs: dict):
     return pd.DataFrame(rows)
 
 
+def paired_ceiling(metrics: dict) -> dict | None:
+    """The synthetic-data ceiling a ``--paired-synthetic`` run measured, shaped like a
+    run's metrics for :func:`throughput_frame` (per-rank median of the synthetic
+    windows, total their sum); None unless every rank has a (real, synthetic) pair."""
+    paired = metrics.get("paired_synthetic")
+    if not paired or not all(p["pairs"] for p in paired):
+        return None
+    medians = [p["synthetic_median"] for p in paired]
+    return {
+        "images_per_sec": float(sum(medians)),
+        "images_per_sec_per_rank": float(np.mean(medians)),
+        "throughput": {
+            "per_rank": [
+                {"median": p["synthetic_median"], "ci95": None, "windows": p["pairs"]}
+                for p in paired
+            ]
+        },
+    }
+
+
 def write_outputs(out: Path, config: TrainConfig, metrics: dict) -> None:
     """params.json, metrics.json (with environment), history.csv and auroc.csv in ``out``."""
     from chexlib.results import write_run_record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,41 @@ def test_cases_cross_the_grid_and_label_run_ids(tmp_path):
     ]
     assert all("_label" not in r.parameters for r in runs)
     assert runs[0].run_id.startswith("first_b-1_") and runs[2].run_id.startswith("a-plain_b-1_")
+
+
+@pytest.mark.slow
+def test_summary_reruns_after_new_runs_and_strays_are_named(tmp_path):
+    def spec(values):
+        path = tmp_path / "collect.yaml"
+        stages = [
+            {"name": "square", "notebook": str(PROBE), "grid": {"VALUE": values}},
+            {
+                "name": "summary",
+                "notebook": str(PROBE),
+                "output_dir": "{study_dir}/summary",
+                "parameters": {"VALUE": 0},
+            },
+        ]
+        path.write_text(json.dumps({"name": "collect", "stages": stages}))
+        return path
+
+    out, lines = tmp_path / "out", []
+    first = run_study(spec([1]), outputs=out, html=False, log=lines.append)
+    assert [r.stage for r in first.ran] == ["square", "summary"]
+    assert not run_study(spec([1]), outputs=out, html=False, log=lines.append).ran
+    # A new run in an earlier stage makes the complete summary stale: it collects again.
+    second = run_study(spec([1, 2]), outputs=out, html=False, log=lines.append)
+    assert [(r.stage, r.parameters["VALUE"]) for r in second.ran] == [("square", 2), ("summary", 0)]
+    # So does an earlier run that finished after it (rerun by hand, or by --only).
+    summary_marker = out / "collect/summary/run.json"
+    square_marker = second.ran[0].run_dir / "run.json"
+    stamp = summary_marker.stat().st_mtime
+    os.utime(square_marker, (stamp + 5, stamp + 5))
+    lines.clear()
+    run_study(spec([1, 2]), outputs=out, dry_run=True, log=lines.append)
+    assert any(line.split() == ["stale", "summary/summary"] for line in lines)
+    # A run folder the spec no longer lists is named: summaries would still read it.
+    lines.clear()
+    run_study(spec([2]), outputs=out, dry_run=True, log=lines.append)
+    stray = [line for line in lines if "is not a run of this spec" in line]
+    assert len(stray) == 1 and first.ran[0].run_id in stray[0]
