@@ -51,6 +51,32 @@ def throughput_table(training: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def study_durations(study_dir: str | Path) -> str | None:
+    """One line: how long the study's complete runs took, in all and per stage.
+
+    From the ``seconds`` that ``chexlib study`` writes in each run's ``run.json``:
+    the runs' own times, so the work lost in an interrupted run is not counted.
+    Stages are listed in the order they first finished.
+    """
+    stages: dict[str, list[float]] = {}
+    markers = [*Path(study_dir).glob("*/run.json"), *Path(study_dir).glob("*/*/run.json")]
+    for marker in sorted(markers, key=lambda m: m.stat().st_mtime):
+        record = read_json(marker)
+        if record.get("status") == "complete" and record.get("seconds") is not None:
+            stages.setdefault(record.get("stage", "?"), []).append(float(record["seconds"]))
+    if not stages:
+        return None
+    total = sum(map(sum, stages.values())) / 60
+    parts = [
+        f"{name} {sum(times) / 60:.1f}" + (f" for {len(times)} runs" if len(times) > 1 else "")
+        for name, times in stages.items()
+    ]
+    return (
+        f"- Time of the study's runs on this machine: {total:.1f} min in all "
+        f"({', '.join(parts)}; minutes, each run as timed by `chexlib study`)."
+    )
+
+
 def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str | Path) -> str:
     """The Markdown between the markers, with figure links relative to the README."""
     summary_dir = Path(summary_dir)
@@ -66,6 +92,8 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
     written = datetime.fromtimestamp(metrics_file.stat().st_mtime, tz=UTC)
     env = metrics.get("environment") or {}
     study = Path(params.get("study_dir", summary_dir.parent))
+    # a relative study_dir was relative to where the summary ran, not to here
+    durations = study_durations(study if study.is_absolute() else summary_dir.parent)
     try:  # a path a reader of the README can follow, not this machine's
         study = study.resolve().relative_to(Path(readme_dir).resolve())
     except ValueError:
@@ -81,6 +109,7 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
         f"hardware: {env.get('hardware', 'unknown')}). Do not edit by hand.",
         "",
         metrics.get("conclusions", "_no conclusions recorded_"),
+        *([durations] if durations else []),
         "",
         throughput_table(training),
         "",

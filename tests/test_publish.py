@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 
 from chexlib import publish
-from chexlib.results import write_run_record
+from chexlib.results import write_json, write_run_record
 
 README = f"""# project
 
@@ -71,6 +73,21 @@ def test_block_is_rewritten_and_figures_copied(tmp_path, summary_dir):
 
     publish.publish(summary_dir, readme, docs)  # idempotent: same block, once
     assert readme.read_text() == text
+
+
+def test_block_states_how_long_the_runs_took(tmp_path, summary_dir):
+    study = summary_dir.parent
+    runs = [("train/a", "complete", 120), ("train/b", "complete", 60), ("train/c", "failed", 9)]
+    for i, (name, status, seconds) in enumerate([*runs, ("summary", "complete", 18)]):
+        marker = study / name / "run.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"stage": name.split("/")[0], "status": status, "seconds": seconds})
+        os.utime(marker, (1000 + i, 1000 + i))  # the order runs finished in
+    block = publish.results_block(summary_dir, tmp_path / "docs", tmp_path)
+    assert (
+        "- Time of the study's runs on this machine: 3.3 min in all "
+        "(train 3.0 for 2 runs, summary 0.3; minutes" in block
+    )
 
 
 def test_missing_markers_or_summary_is_a_clear_error(tmp_path, summary_dir):
