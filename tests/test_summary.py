@@ -7,7 +7,7 @@ import pytest
 from chexlib import summary
 
 
-def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records=""):
+def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records="", paired=False):
     metrics = {
         "model": "resnet50", "pipeline": pipeline, "source": source, "ranks": ranks,
         "images_per_sec": rate, "images_per_sec_per_rank": rate / ranks,
@@ -15,6 +15,7 @@ def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records=
         "fraction_of_synthetic": rate / synthetic if synthetic else None,
         "image_size": 128, "batch_size_per_rank": 8, "mean_auroc": 0.6,
         "environment": {"hardware": "CPU only: 2x test"},
+        "paired_synthetic": [{"pairs": 3}] if paired else None,
     }  # fmt: skip
     return {"run_id": run_id, "metrics": metrics, "params": {"train": {"records": records}}}
 
@@ -22,7 +23,7 @@ def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records=
 def test_training_table_shares_the_synthetic_ceiling_and_computes_efficiency():
     table = summary.training_table(
         [
-            record("a", "naive", 1, 8.0, synthetic=10.0),
+            record("a", "naive", 1, 8.0, synthetic=10.0, paired=True),
             record("b", "optimized", 1, 9.0),
             record("c", "optimized", 2, 12.0, synthetic=16.0),
             record("d", "naive", 2, 10.0),
@@ -38,3 +39,15 @@ def test_training_table_shares_the_synthetic_ceiling_and_computes_efficiency():
     text = summary.conclusions({"train": table, "gain": summary.records_gain(table)})
     assert "optimized over naive pipeline: 1.16x" in text  # median of 9/8 and 12/10
     assert "CPU only: 2x test" in text
+    assert "Measured paired (real and synthetic windows alternating in one run): " \
+        "real = median 80% of synthetic (range 80%-80%, 1 runs)" in text  # fmt: skip
+    assert table.set_index("run_id")["synthetic_paired"].to_dict() == {
+        "a": True, "b": False, "c": False, "d": False,
+    }  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = summary.plot_ceiling(table)
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "paired: ceiling from alternating windows" in caption
+    assert "1 paired" in caption and "2 shared" in caption and "1 separate run" in caption
