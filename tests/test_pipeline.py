@@ -392,8 +392,11 @@ def test_reading_through_a_local_tf_data_service(sources, synth_metadata):
         ds = build(sources["raw"], data_service=service.address, return_names=True)
         assert ds.element_spec[0].shape == (BATCH, SIZE, SIZE, 3)
         names = collect(ds, batches=len(train) // BATCH)[0]
-        assert set(names) <= train
-        assert len(set(names)) > 0.8 * len(names)  # distributed_epoch: no worker repeats another
+        assert set(names) <= train and len(names) == len(train) // BATCH * BATCH
+        # Not asserted: few repeats. The training stream repeats, and each worker's
+        # shuffle buffer (a whole split's size) and prefetched batches take names of
+        # the next epoch while the other worker finishes this one, so repeats in one
+        # epoch's worth of names depend on timing (a CI run saw 56 distinct of 72).
         ds = build(
             sources["compact"], data_service=service.address, data_service_mode="parallel_epochs"
         )
