@@ -311,20 +311,20 @@ def plot_ceiling(train: pd.DataFrame):
     grid.figure.suptitle("Real data against the synthetic-data ceiling (red: 97 % target)", y=1.03)
     paired = data.get("synthetic_paired", pd.Series(False, index=data.index)).fillna(False)
     shared = data.get("synthetic_shared", pd.Series(False, index=data.index)).fillna(False)
-    if paired.any() or shared.any():  # how each bar's ceiling was measured
-        notes = []
-        if paired.any():
-            notes.append("paired: ceiling from alternating windows of the same run")
-        if shared.any():
-            notes.append(
-                "shared: ceiling from another run of the same model and ranks "
-                "(separate runs differ by 10-15 % on a busy CPU)"
-            )
-        kinds = [
+    kinds = pd.Series(
+        [
             "paired" if p else ("shared" if s else "separate run")
             for p, s in zip(paired, shared, strict=True)
         ]
-        counts = pd.Series(kinds).value_counts()
+    )
+    meaning = {  # how each bar's ceiling was measured
+        "paired": "paired: ceiling from alternating windows of the same run",
+        "shared": "shared: ceiling from another run of the same model and ranks "
+        "(separate runs differ by 10-15 % on a busy CPU)",
+    }
+    notes = [text for kind, text in meaning.items() if (kinds == kind).any()]
+    if notes:
+        counts = kinds.value_counts()
         grid.figure.text(
             0.01,
             -0.04,
