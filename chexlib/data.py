@@ -20,10 +20,12 @@ silently.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,12 +74,21 @@ def find_csv(data_dir: str | Path) -> Path:
 def index_images(data_dir: str | Path) -> dict[str, Path]:
     """Map image file name -> path for ``images/`` and ``images_NNN/images/``.
 
+    Only files count: a dangling symlink or a folder named ``*.png`` is not
+    an image (:func:`load_metadata` reports it as missing, with the reason).
+
     Raises:
         DataError: the same file name appears in two folders.
     """
+    return _scan_images(data_dir)[0]
+
+
+def _scan_images(data_dir: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """(name -> path of each image file, name -> why a ``*.png`` entry is not a file)."""
     data_dir = Path(data_dir).resolve()
     folders = [data_dir / "images"] + sorted(data_dir.glob("images_*/images"))
     found: dict[str, Path] = {}
+    odd: dict[str, str] = {}
     for folder in folders:
         if not folder.is_dir():
             continue
@@ -85,13 +96,26 @@ def index_images(data_dir: str | Path) -> dict[str, Path]:
             for entry in entries:
                 if not entry.name.lower().endswith(".png"):
                     continue
+                if not entry.is_file():  # no stat unless it is a symlink
+                    odd[entry.name] = _not_a_file(Path(entry.path))
+                    continue
                 if entry.name in found:
                     raise DataError(
                         f"duplicate image {entry.name}: in {found[entry.name].parent} "
                         f"and in {folder}"
                     )
                 found[entry.name] = folder / entry.name
-    return found
+    return found, odd
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"missing file (dangling symlink {path} -> {target})"
+    return f"missing file ({path} is not a regular file)"
 
 
 def parse_findings(text: str, where: str) -> list[int]:
@@ -108,68 +132,126 @@ def parse_findings(text: str, where: str) -> list[int]:
     return [int(label in names) for label in LABELS]
 
 
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped).
+
+    Raises:
+        DataError: the file cannot be read, or is not UTF-8 (e.g. latin-1);
+            the message names the file and the physical line.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _records(csv_path: Path):
+    """Yield (physical line where the record starts, fields) for each CSV record."""
+    reader = csv.reader(io.StringIO(read_text(csv_path), newline=""))
+    start = 1
+    try:
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1  # a quoted field may span several lines
+    except csv.Error as err:
+        raise DataError(f"{csv_path} line {start}: malformed CSV ({err})") from None
+
+
 def read_entries(csv_path: str | Path) -> pd.DataFrame:
     """Read the NIH CSV into one row per image with the 14 label columns.
 
     Raises:
-        DataError: a missing column, a malformed row or a duplicate image,
-            naming the CSV line.
+        DataError: a bad encoding, a missing column, a malformed row or a
+            duplicate image, naming the CSV's physical line.
     """
     csv_path = Path(csv_path)
-    with open(csv_path, newline="") as fh:
-        reader = csv.reader(fh)
+    records = _records(csv_path)
+    try:
+        _, header = next(records)
+    except StopIteration:
+        raise DataError(f"{csv_path}: empty file") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in _REQUIRED if c not in header]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {missing}; header is {header}")
+    col = {name: header.index(name) for name in header if name}
+    rows, seen = [], {}
+    for line_no, row in records:
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        where = f"{csv_path.name} line {line_no}"
+        if len(row) < len(col):
+            raise DataError(f"{where}: expected {len(header)} fields, got {len(row)}: {row}")
+        image = row[col["Image Index"]].strip()
+        if not image:
+            raise DataError(f"{where}: empty 'Image Index'")
+        if image in seen:
+            raise DataError(f"{where}: duplicate image {image} (first on line {seen[image]})")
+        seen[image] = line_no
         try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{csv_path}: empty file") from None
-        missing = [c for c in _REQUIRED if c not in header]
-        if missing:
-            raise DataError(f"{csv_path}: missing column(s) {missing}; header is {header}")
-        col = {name: header.index(name) for name in header if name}
-        rows, seen = [], {}
-        for line_no, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue  # blank line
-            where = f"{csv_path.name} line {line_no}"
-            if len(row) < len(col):
-                raise DataError(f"{where}: expected {len(header)} fields, got {len(row)}: {row}")
-            image = row[col["Image Index"]].strip()
-            if not image:
-                raise DataError(f"{where}: empty 'Image Index'")
-            if image in seen:
-                raise DataError(f"{where}: duplicate image {image} (first on line {seen[image]})")
-            seen[image] = line_no
-            try:
-                patient = int(row[col["Patient ID"]])
-            except ValueError:
-                raise DataError(
-                    f"{where} ({image}): 'Patient ID' is not an integer: {row[col['Patient ID']]!r}"
-                ) from None
-            labels = parse_findings(row[col["Finding Labels"]], f"{where} ({image})")
-            rows.append(_entry(image, patient, labels, row, col))
+            patient = int(row[col["Patient ID"]])
+        except ValueError:
+            raise DataError(
+                f"{where} ({image}): 'Patient ID' is not an integer: {row[col['Patient ID']]!r}"
+            ) from None
+        labels = parse_findings(row[col["Finding Labels"]], f"{where} ({image})")
+        rows.append(_entry(image, patient, labels, row, col, f"{where} ({image})"))
     if not rows:
         raise DataError(f"{csv_path}: no image rows")
     return pd.DataFrame(rows)
 
 
-def _entry(image: str, patient: int, labels: list[int], row: list[str], col: dict) -> dict:
+def _entry(
+    image: str, patient: int, labels: list[int], row: list[str], col: dict, where: str
+) -> dict:
     def opt(name: str) -> str | None:
         return row[col[name]].strip() if name in col else None
 
     entry = {"image": image, "patient_id": patient}
-    entry["follow_up"] = _int_or_none(opt("Follow-up #"))
-    entry["age"] = _int_or_none(opt("Patient Age"))
+    follow_up = opt("Follow-up #")
+    if follow_up and not follow_up.isdigit():
+        raise DataError(f"{where}: 'Follow-up #' is not an integer: {follow_up!r}")
+    entry["follow_up"] = int(follow_up) if follow_up else None
+    entry["age"] = parse_age(opt("Patient Age"), where)
     entry["gender"] = opt("Patient Gender")
     entry["view"] = opt("View Position")
     entry.update(zip(LABELS, labels, strict=True))
     return entry
 
 
-def _int_or_none(text: str | None) -> int | None:
+# The first NIH release wrote ages with a unit: "058Y" years, "058M" months, "030D" days.
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([YMD]?)", re.IGNORECASE)
+_YEARS_PER_UNIT = {"": 1.0, "Y": 1.0, "M": 1 / 12, "D": 1 / 365.25}
+
+
+def parse_age(text: str | None, where: str = "") -> float | None:
+    """Age in years from ``"58"``, ``"058Y"``, ``"058M"`` (months) or ``"030D"`` (days).
+
+    An empty field is None (unknown). Implausible numbers (NIH has a few
+    ages over 100) are kept as written; only text that is not an age is refused.
+
+    Raises:
+        DataError: the text is not a number with an optional Y/M/D unit.
+    """
     if text is None or text == "":
         return None
-    digits = text.rstrip("YMD")  # the first NIH release wrote ages like "058Y"
-    return int(digits) if digits.isdigit() else None
+    match = _AGE.fullmatch(text.strip())
+    if not match:
+        raise DataError(
+            f"{where}: 'Patient Age' is not an age: {text!r} "
+            "(expected a number of years, or e.g. 058Y, 058M, 030D)"
+        )
+    return float(match.group(1)) * _YEARS_PER_UNIT[match.group(2).upper()]
 
 
 def read_list(path: str | Path) -> list[str]:
@@ -177,7 +259,7 @@ def read_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split list not found")
-    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
     dupes = [n for n, c in Counter(names).items() if c > 1]
     if dupes:
         raise DataError(f"{path}: image(s) listed twice: {_few(dupes)}")
@@ -216,6 +298,7 @@ def assign_splits(
             f"{where}image(s) in the CSV but in neither {TRAIN_VAL_LIST} nor {TEST_LIST}: "
             f"{_few(unlisted)}"
         )
+    _refuse_patients_in_both(entries, te, where)
 
     split = pd.Series(np.where(entries["image"].isin(te), "test", "train"), index=entries.index)
     in_tv = split == "train"
@@ -227,6 +310,27 @@ def assign_splits(
     val_patients = set(order[:n_val].tolist())
     split[in_tv & entries["patient_id"].isin(val_patients)] = "val"
     return split
+
+
+def _refuse_patients_in_both(entries: pd.DataFrame, test: set[str], where: str) -> None:
+    """The official lists split by patient: one patient on both sides would leak into test."""
+    in_test = entries["image"].isin(test)
+    both = sorted(
+        set(entries.loc[in_test, "patient_id"]) & set(entries.loc[~in_test, "patient_id"])
+    )
+    if not both:
+        return
+    shown = []
+    for pid in both[:10]:
+        mine = entries[entries["patient_id"] == pid]
+        tv_image = mine.loc[~in_test[mine.index], "image"].iat[0]
+        test_image = mine.loc[in_test[mine.index], "image"].iat[0]
+        shown.append(f"patient {pid} ({tv_image} in {TRAIN_VAL_LIST}, {test_image} in {TEST_LIST})")
+    more = f" ... ({len(both)} patients in all)" if len(both) > 10 else ""
+    raise DataError(
+        f"{where}patient(s) in both {TRAIN_VAL_LIST} and {TEST_LIST} (all images of a patient "
+        f"must be on one side, or test results leak): {'; '.join(shown)}{more}"
+    )
 
 
 def load_metadata(
@@ -253,8 +357,11 @@ def load_metadata(
         int) and ``split`` (train/val/test), in CSV order.
 
     Raises:
-        DataError: unknown label, malformed row, duplicate image, missing
-            image, or split lists that overlap or name unknown images.
+        DataError: a file that is not UTF-8, unknown label, malformed row or
+            age, duplicate image, missing image (a dangling symlink counts as
+            missing), or split lists that overlap, name unknown images or put
+            one patient on both sides; the message names the file and its
+            physical line where there is one.
     """
     data_dir = Path(data_dir).resolve()
     csv_path = data_dir / csv_name if csv_name else find_csv(data_dir)
@@ -267,15 +374,18 @@ def load_metadata(
         seed=seed,
         where=f"{data_dir}: ",
     )
-    on_disk = index_images(data_dir)
+    on_disk, odd = _scan_images(data_dir)
     entries.insert(1, "path", [str(on_disk[n]) if n in on_disk else None for n in entries["image"]])
     missing = entries.loc[entries["path"].isna(), "image"].tolist()
     if missing and not allow_missing:
+        reasons = [f"{n}: {odd[n]}" for n in missing if n in odd]
         raise DataError(
             f"{data_dir}: {len(missing)} image(s) listed in {csv_path.name} are not in images/ "
-            f"or images_*/images/: {_few(missing)}"
+            f"or images_*/images/: {_few(missing)}" + "".join(f"\n  {r}" for r in reasons[:10])
         )
-    entries.attrs["excluded"] = [{"image": n, "reason": "missing file"} for n in missing]
+    entries.attrs["excluded"] = [
+        {"image": n, "reason": odd.get(n, "missing file")} for n in missing
+    ]
     entries.attrs["csv"] = str(csv_path)
     entries[list(LABELS)] = entries[list(LABELS)].astype("int64")
     return entries
@@ -306,8 +416,10 @@ class ValidationReport:
 
     ok: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    # (image, reason): truncated, wrong format, decompression bomb, unreadable ...
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
     layouts: Counter = field(default_factory=Counter)  # stored layout -> count, e.g. "RGBA"
+    why_missing: dict[str, str] = field(default_factory=dict)  # image -> reason
 
     @property
     def passed(self) -> bool:
@@ -317,41 +429,49 @@ class ValidationReport:
         return {
             "ok": len(self.ok),
             "missing": sorted(self.missing),
+            "missing_reasons": {i: self.why_missing.get(i, "missing file") for i in self.missing},
             "corrupt": [{"image": i, "reason": r} for i, r in sorted(self.corrupt)],
             "layouts": dict(self.layouts),
             "passed": self.passed,
         }
 
 
-def _check_one(path: str) -> tuple[str, str | None, tuple[int, int] | None]:
-    """Decode one file; return (layout, error, shape)."""
-    from PIL import Image
-
-    from chexlib.images import to_grayscale_u8
+def _check_one(path: str) -> tuple[str, str | None, bool]:
+    """Check one file as training decodes it; return (layout, error, missing)."""
+    from chexlib.images import BadImage, read_png
 
     try:
-        with Image.open(path) as img:
-            layout = f"{img.mode} {img.width}x{img.height}"
-            img.load()  # full decode: truncated or corrupt data fails here
-            return layout, None, to_grayscale_u8(img).shape
-    except (OSError, ValueError, SyntaxError) as err:
-        return "unreadable", f"cannot decode image ({err})", None
+        return read_png(path)[1], None, False
+    except BadImage as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        gone = isinstance(err.__cause__, FileNotFoundError)  # vanished, or a dangling link
+        return ("missing" if gone else "unreadable"), reason, gone
 
 
 def validate_images(
     df: pd.DataFrame, workers: int | None = None, progress: bool = True
 ) -> ValidationReport:
-    """Check that every image of ``df`` exists and decodes to one channel."""
+    """Check that every image of ``df`` exists and decodes as training will decode it.
+
+    Each file is checked by :func:`chexlib.images.read_png`: PNG signature
+    (a JPEG, GIF, TIFF or BMP named ``.png`` is a wrong format), header (a
+    decompression bomb is refused before decoding), then a full decode.
+    """
     from tqdm.auto import tqdm
 
     report = ValidationReport()
     present = df[df["path"].notna()]
     report.missing = df.loc[df["path"].isna(), "image"].tolist()
+    report.why_missing = {e["image"]: e["reason"] for e in df.attrs.get("excluded", [])}
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_check_one, present["path"], chunksize=16)
         bar = tqdm(results, total=len(present), desc="validate", unit="img", disable=not progress)
-        for image, (layout, error, _) in zip(present["image"], bar, strict=True):
+        for image, (layout, error, gone) in zip(present["image"], bar, strict=True):
+            if gone:
+                report.missing.append(image)
+                report.why_missing[image] = "missing file (gone since the folder was listed)"
+                continue
             report.layouts[layout] += 1
             if error:
                 report.corrupt.append((image, error))
@@ -374,15 +494,16 @@ def run(args) -> int:
 
     try:
         df = load_metadata(args.data_dir, allow_missing=True)
-    except DataError as err:
+        report = validate_images(df, workers=args.workers)
+    except (DataError, OSError, BrokenExecutor) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = validate_images(df, workers=args.workers)
     print(f"{args.data_dir}: {len(df)} images listed")
     print(f"  ok:      {len(report.ok)}")
     print(f"  missing: {len(report.missing)}")
     for name in sorted(report.missing):
-        print(f"    missing  {name}")
+        reason = report.why_missing.get(name, "missing file")
+        print(f"    missing  {name}" + ("" if reason == "missing file" else f": {reason}"))
     print(f"  corrupt: {len(report.corrupt)}")
     for name, reason in sorted(report.corrupt):
         print(f"    corrupt  {name}: {reason}")
@@ -390,7 +511,11 @@ def run(args) -> int:
     for layout, n in report.layouts.most_common():
         print(f"    {n:>7}  {layout}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        try:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        except OSError as err:
+            print(f"error: cannot write {args.json}: {err.strerror or err}", file=sys.stderr)
+            return 2
     print("PASSED" if report.passed else "FAILED")
     return 0 if report.passed else 1
 

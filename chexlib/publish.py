@@ -5,20 +5,30 @@ notebook wrote (``metrics.json`` with the conclusions and the figure names,
 ``training.csv``), copies the figures to ``docs/results/`` and replaces the
 block between :data:`BEGIN` and :data:`END` in ``README.md``. Nothing in the
 block is typed by hand, so the README always shows the last study that ran.
+
+Safe to interrupt and to rerun: the README is replaced in one rename (never
+left cut in half), and of the files in ``docs/results/`` only those an earlier
+publish wrote (listed in :data:`PUBLISHED`) are ever deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from chexlib.results import read_json
+from chexlib.results import RecordError, RecordWarning, read_json, write_json, write_text_atomic
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
+# the list, in the docs folder, of the files the last publish wrote there
+PUBLISHED = ".published.json"
 # figure file -> caption, in reading order; a study that lacks one skips it
 FIGURES = {
     "fig1_2_naive_vs_optimized.png": "Poster figures 1-2: training images/s, naive vs optimized pipeline",
@@ -61,7 +71,11 @@ def study_durations(study_dir: str | Path) -> str | None:
     stages: dict[str, list[float]] = {}
     markers = [*Path(study_dir).glob("*/run.json"), *Path(study_dir).glob("*/*/run.json")]
     for marker in sorted(markers, key=lambda m: m.stat().st_mtime):
-        record = read_json(marker)
+        try:
+            record = read_json(marker, expect=dict)
+        except RecordError as err:  # the other runs' times are still worth stating
+            warnings.warn(f"left out of the study's time: {err}", RecordWarning, stacklevel=2)
+            continue
         if record.get("status") == "complete" and record.get("seconds") is not None:
             stages.setdefault(record.get("stage", "?"), []).append(float(record["seconds"]))
     if not stages:
@@ -83,10 +97,9 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
     metrics_file = summary_dir / "metrics.json"
     if not metrics_file.is_file():
         raise PublishError(f"{metrics_file} not found: run the study's summary stage first")
-    metrics = read_json(metrics_file)
-    params = (
-        read_json(summary_dir / "params.json") if (summary_dir / "params.json").is_file() else {}
-    )
+    metrics = read_json(metrics_file, expect=dict)
+    params_file = summary_dir / "params.json"
+    params = read_json(params_file, expect=dict) if params_file.is_file() else {}
     training_csv = summary_dir / "training.csv"
     training = pd.read_csv(training_csv) if training_csv.is_file() else pd.DataFrame()
     written = datetime.fromtimestamp(metrics_file.stat().st_mtime, tz=UTC)
@@ -120,28 +133,90 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
     return "\n".join(parts).rstrip() + "\n"
 
 
+def escape_markers(text: str) -> str:
+    """``text`` with :data:`BEGIN` and :data:`END` made inert (and still readable).
+
+    A marker inside the block (quoted in a conclusion, say) would end the block
+    early and break this and every later publish; escaped, it shows as text.
+    """
+    for marker in (BEGIN, END):
+        text = text.replace(marker, marker.replace("<!--", "&lt;!--").replace("-->", "--&gt;"))
+    return text
+
+
+def split_readme(text: str, readme: Path) -> tuple[str, str]:
+    """The README's text before :data:`BEGIN` and from :data:`END` on."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise PublishError(f"{readme}: needs exactly one {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    return head, rest.split(END, 1)[1]
+
+
 def publish(summary_dir, readme="README.md", docs_dir="docs/results") -> list[Path]:
     """Copy the summary's figures to ``docs_dir`` and rewrite the README block.
 
     Returns the files written. The README must already hold the two markers
     (:data:`BEGIN`, :data:`END`), so the block's place is chosen by a person.
+    Figures of an earlier publish that this one does not write are deleted;
+    other files in ``docs_dir`` are never touched.
     """
     summary_dir, readme, docs_dir = Path(summary_dir), Path(readme), Path(docs_dir)
-    text = readme.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise PublishError(f"{readme}: needs exactly one {BEGIN} ... {END} block")
-    block = results_block(summary_dir, docs_dir, readme.parent)  # fails before touching files
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PublishError(f"{readme}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    head, tail = split_readme(text, readme)
+    block = escape_markers(results_block(summary_dir, docs_dir, readme.parent))
+    names = [name for name in FIGURES if (summary_dir / name).is_file()]
     docs_dir.mkdir(parents=True, exist_ok=True)
-    for old in docs_dir.glob("*.png"):  # figures of an earlier study must not linger
-        old.unlink()
-    written = []
-    for name in FIGURES:
-        if (summary_dir / name).is_file():
-            written.append(Path(shutil.copy2(summary_dir / name, docs_dir / name)))
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    earlier = published_files(docs_dir)
+    # Listed before copying, so files of an interrupted publish are known as ours.
+    write_json(docs_dir / PUBLISHED, {"files": sorted({*earlier, *names})})
+    written = [_copy_atomic(summary_dir / name, docs_dir / name) for name in names]
+    write_text_atomic(readme, f"{head}{BEGIN}\n{block}{END}{tail}")
+    for name in sorted(set(earlier) - set(names)):  # figures of an earlier study must not linger
+        with contextlib.suppress(FileNotFoundError):
+            (docs_dir / name).unlink()
+    write_json(docs_dir / PUBLISHED, {"files": names})
     return [*written, readme]
+
+
+def published_files(docs_dir: Path) -> list[str]:
+    """Names of the files an earlier publish wrote into ``docs_dir`` (from :data:`PUBLISHED`).
+
+    Only plain file names are trusted (no folders, no ``..``), so a damaged or
+    edited list can never make publish delete anything outside ``docs_dir``.
+    An unreadable list is reported and treated as empty: nothing is deleted.
+    """
+    listing = docs_dir / PUBLISHED
+    if not listing.is_file():
+        return []
+    try:
+        files = read_json(listing, expect=dict).get("files", [])
+    except RecordError as err:
+        warnings.warn(f"{err}; no earlier figure is deleted", RecordWarning, stacklevel=2)
+        return []
+    if not isinstance(files, list):
+        return []
+    return [
+        f
+        for f in files
+        if isinstance(f, str) and f == Path(f).name and not f.startswith(".") and f != PUBLISHED
+    ]
+
+
+def _copy_atomic(source: Path, target: Path) -> Path:
+    """Copy ``source`` to ``target`` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(source, tmp)  # with the source's mode and times
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
 
 
 def add_arguments(parser) -> None:
@@ -151,10 +226,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        files = publish(args.summary_dir, args.readme, args.docs)
-    except PublishError as err:
-        raise SystemExit(f"chexlib publish-results: {err}") from None
+    """``chexlib publish-results SUMMARY_DIR``; errors are reported by the dispatcher."""
+    files = publish(args.summary_dir, args.readme, args.docs)
     for f in files:
         print(f"written: {f}")
     return 0

@@ -27,6 +27,7 @@ Layout of an output folder::
                                       per shard records/bytes/sha256, totals, skips
       .convert/                       state of the conversion: settings.json and one
                                       sidecar per finished shard (used to resume)
+      .convert.lock                   locked while a conversion runs; names its process
 
 Every source image is fully decoded during conversion, in both variants, so a
 missing or corrupt file stops the run with its name; with ``skip_bad`` it is
@@ -53,6 +54,7 @@ the fallback). TensorFlow itself reads every record back in the tests and in
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as _dt
 import functools
@@ -64,11 +66,13 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import secrets
 import shutil
+import socket
 import struct
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,6 +91,7 @@ RESAMPLE = "PIL LANCZOS, reducing_gap=2.0"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_DIR = ".convert"
+LOCK = ".convert.lock"  # held (flock) by the one conversion writing into a folder
 
 SCHEMA: dict[str, str] = {
     "image/encoded": "bytes: the PNG file (png variant) or the resized image as raw uint8 rows or JPEG (compact)",
@@ -509,19 +514,23 @@ def _tick(n: int) -> None:
 def encode_image(path: str, settings: ConvertSettings) -> tuple[bytes, int, int]:
     """Read and check one source image; return (``image/encoded``, height, width).
 
+    The file is checked as training decodes it (:func:`chexlib.images.check_png`:
+    PNG signature, header, decompression bomb, then a full decode), so a JPEG
+    named ``.png`` never becomes a record with ``image/format`` png.
+
     Raises:
-        OSError: the file is missing, unreadable or does not decode; the
-            message names the file.
+        OSError: (:class:`chexlib.images.BadImage`) the file is missing,
+            unreadable, not a PNG or does not decode; the message names the file.
     """
     from PIL import Image
 
-    from chexlib.images import decode_grayscale
+    from chexlib.images import BadImage, check_png
 
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise OSError(f"{path}: cannot read file ({err.strerror or err})") from err
-    gray = decode_grayscale(data, name=str(path))  # a full decode: corrupt files fail here
+        raise BadImage(f"{path}: cannot read file ({err.strerror or err})") from err
+    gray, _ = check_png(data, name=str(path))  # a full decode: corrupt files fail here
     if settings.variant == "png":
         return data, gray.shape[0], gray.shape[1]
     size = settings.size
@@ -559,6 +568,20 @@ def _reusable(out: Path, job: ShardJob, key: str, skip_bad: bool) -> dict | None
     return info if _sha256_file(shard) == info.get("sha256") else None
 
 
+def _unique() -> str:
+    """A name part no other process (on any host sharing the folder) uses."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported everywhere (some network file systems)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _reason(err: OSError, path: str) -> str:
     text = str(err)
     return text[len(path) + 2 :] if text.startswith(f"{path}: ") else text
@@ -569,8 +592,8 @@ def write_shard(
 ) -> dict:
     """Write (or reuse) one shard; return its sidecar record.
 
-    The shard is written to ``.convert/NAME.PID.tmp``, flushed to disk and
-    renamed, then its sidecar (run key, records, bytes, sha256, skips) is
+    The shard is written to ``.convert/NAME.HOST.PID.RANDOM.tmp`` (no other
+    process ever uses that name), flushed to disk and renamed, then its sidecar (run key, records, bytes, sha256, skips) is
     written; a shard without a matching sidecar is never trusted.
     """
     from chexlib.results import write_json
@@ -580,7 +603,7 @@ def write_shard(
     if reused is not None:
         _tick(len(job.items))
         return {**reused, "reused": True}
-    tmp = out / STATE_DIR / f"{job.name}.{os.getpid()}.tmp"
+    tmp = out / STATE_DIR / f"{job.name}.{_unique()}.tmp"
     sha, records, nbytes, skipped = hashlib.sha256(), 0, 0, []
     cpu_start = time.process_time()
     try:
@@ -610,6 +633,7 @@ def write_shard(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out / job.name)
+        _fsync_dir(out)  # the rename itself reaches the disk
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -648,6 +672,38 @@ def _ours(out: Path) -> list[Path]:
     return sorted(out.glob("*.tfrecord")) + [
         p for p in (out / MANIFEST, out / STATE_DIR) if p.exists()
     ]
+
+
+@contextlib.contextmanager
+def conversion_lock(out: Path):
+    """Hold ``OUT/.convert.lock`` for a whole conversion: one per folder at a time.
+
+    An ``flock`` is released by the kernel when its holder exits or is
+    killed, so a dead run never leaves a stale lock; the file's text (PID,
+    host, start time) names the holder for the error a second run gets.
+
+    Raises:
+        RecordsError: another process holds the lock.
+    """
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (out / LOCK).read_text(errors="replace").strip() or "process unknown"
+            raise RecordsError(
+                f"{out}: another conversion is writing into this folder ({holder}); wait for "
+                "it to finish (rerun the same command to resume), or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _claim(out: Path, state: dict, overwrite: bool) -> None:
@@ -760,7 +816,7 @@ def convert(
         data_dir: dataset folder (``chexlib.data.load_metadata`` layout).
         out_dir: output folder: new, empty, or an earlier run of the same
             settings and data (resumed: valid shards are kept). One
-            conversion per folder at a time.
+            conversion per folder at a time (a second one is refused).
         variant: ``"png"`` (original bytes) or ``"compact"`` (resized once).
         images_per_shard: most records per shard (default 256).
         shards: shards per split instead of ``images_per_shard``.
@@ -781,8 +837,9 @@ def convert(
 
     Raises:
         DataError: bad metadata, or a listed image missing (without skip_bad).
-        RecordsError: a source image does not decode (without skip_bad), or
-            ``out_dir`` holds another conversion (without overwrite).
+        RecordsError: a source image does not decode (without skip_bad),
+            ``out_dir`` holds another conversion (without overwrite), or
+            another process is converting into ``out_dir`` right now.
     """
     from chexlib.results import usable_cores, write_json
 
@@ -794,22 +851,20 @@ def convert(
     fingerprint = dataset_fingerprint(df)
     key = _sha256_json({"settings": settings.to_dict(), "fingerprint": fingerprint})
     out = Path(out_dir)
-    _claim(
-        out,
-        {
-            "key": key,
-            "settings": settings.to_dict(),
-            "fingerprint": fingerprint,
-            "data_dir": str(Path(data_dir).resolve()),
-        },
-        overwrite,
-    )
-    jobs = plan_shards(df, settings)
-    workers = max(1, min(int(workers or usable_cores()), len(jobs) or 1))
-    infos = _run_jobs(jobs, settings, out, key, skip_bad, workers, progress) if jobs else []
-    run = {"seconds": time.perf_counter() - start, "workers": workers, "skip_bad": skip_bad}
-    manifest = build_manifest(settings, df, fingerprint, key, infos, run)
-    write_json(out / MANIFEST, manifest)
+    state = {
+        "key": key,
+        "settings": settings.to_dict(),
+        "fingerprint": fingerprint,
+        "data_dir": str(Path(data_dir).resolve()),
+    }
+    with conversion_lock(out):
+        _claim(out, state, overwrite)
+        jobs = plan_shards(df, settings)
+        workers = max(1, min(int(workers or usable_cores()), len(jobs) or 1))
+        infos = _run_jobs(jobs, settings, out, key, skip_bad, workers, progress) if jobs else []
+        run = {"seconds": time.perf_counter() - start, "workers": workers, "skip_bad": skip_bad}
+        manifest = build_manifest(settings, df, fingerprint, key, infos, run)
+        write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -1196,8 +1251,12 @@ def run_convert(args) -> int:
             jpeg_quality=args.jpeg_quality,
             overwrite=args.overwrite,
         )
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, BrokenExecutor) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permission denied, OUT_DIR is a file ...
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     print(f"{args.out_dir}: {manifest['variant']} records (image/format {manifest['format']!r})")
     for split, t in manifest["splits"].items():

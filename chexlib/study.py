@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from chexlib.results import read_json, write_json
+from chexlib.results import read_json, write_json, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUTS = REPO / "outputs"
@@ -73,7 +72,7 @@ class Run:
         marker = self.run_dir / "run.json"
         if not marker.is_file():
             return "incomplete" if self.run_dir.exists() else "new"
-        record = read_json(marker)
+        record = read_json(marker, expect=dict)  # RecordError names a corrupt marker
         if record.get("parameters") != _canonical(self.parameters):
             return "incomplete"
         return record.get("status", "incomplete")
@@ -122,43 +121,116 @@ def _substitute(value, variables: dict, where: str):
     return value
 
 
+# Names that become folders: no '/', no '..', nothing hidden, so a run folder
+# can never land outside --outputs.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_SAFE_HINT = (
+    "letters, digits, '-', '_' and '.' only (no '/', no '..', not starting with '.' or '-')"
+)
+_SPEC_KEYS = ("name", "hosts", "vars", "stages")
+_STAGE_KEYS = ("name", "notebook", "parameters", "grid", "cases", "output_dir", "html")
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_name(value, field: str) -> str:
+    """``value`` if it is a safe folder name, else a :class:`SpecError` naming ``field``."""
+    if not isinstance(value, str):
+        raise SpecError(f"{field} must be a string, not {_kind(value)} ({value!r})")
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise SpecError(f"{field} {value!r} is not a safe name: use {_SAFE_HINT}")
+    return value
+
+
+def _check_mapping(value, field: str, keys: str = "identifier") -> dict:
+    """A mapping whose keys are parameter names (Python identifiers papermill can inject)."""
+    if not isinstance(value, dict):
+        raise SpecError(f"{field} must be a mapping, not {_kind(value)} ({value!r})")
+    bad = [k for k in value if not (isinstance(k, str) and (k.isidentifier() or k == keys))]
+    if bad:
+        raise SpecError(f"{field}: keys must be parameter names (Python identifiers), not {bad}")
+    return value
+
+
+def _check_keys(mapping: dict, known: tuple, field: str) -> None:
+    unknown = [k for k in mapping if k not in known]
+    if unknown:
+        raise SpecError(f"{field}: unknown key(s) {unknown}; known: {list(known)}")
+
+
+def _check_string(mapping: dict, key: str, field: str) -> None:
+    if key in mapping and (not isinstance(mapping[key], str) or not mapping[key].strip()):
+        value = mapping[key]
+        raise SpecError(f"{field}{key} must be a non-empty string, not {_kind(value)} ({value!r})")
+
+
 def load_spec(path: str | Path) -> dict:
-    """Read and check a study specification."""
+    """Read and check a study specification: every field's type, and names safe as folders.
+
+    Raises:
+        SpecError: the message names the file, the stage and the field.
+    """
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise SpecError(f"{path}: cannot read study specification ({err})") from err
-    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: a study specification is a mapping with a 'stages' list")
+    _check_keys(spec, _SPEC_KEYS, str(path))
+    if "name" in spec:
+        check_name(spec["name"], f"{path}: name")
+    else:
+        check_name(path.stem, f"{path}: name (from the file name; set 'name:')")
+        spec["name"] = path.stem
+    if spec.get("hosts") is not None and not isinstance(spec["hosts"], str):
+        raise SpecError(f"{path}: hosts must be a string, not {_kind(spec['hosts'])}")
+    variables = _check_mapping(spec.get("vars") or {}, f"{path}: vars")
+    for name, value in variables.items():
+        if not isinstance(value, str | int | float | bool):
+            raise SpecError(f"{path}: vars.{name} must be a string or a number, not {_kind(value)}")
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages:
         raise SpecError(f"{path}: a study needs a non-empty 'stages' list")
-    spec.setdefault("name", path.stem)
     names = set()
-    for i, stage in enumerate(spec["stages"]):
-        where = f"{path} stage {i + 1}"
-        if not isinstance(stage, dict) or "name" not in stage or "notebook" not in stage:
-            raise SpecError(f"{where}: each stage needs 'name' and 'notebook'")
+    for i, stage in enumerate(stages):
+        _check_stage(stage, f"{path} stage {i + 1}", path)
         if stage["name"] in names:
-            raise SpecError(f"{where}: duplicate stage name {stage['name']!r}")
+            raise SpecError(f"{path} stage {i + 1}: duplicate stage name {stage['name']!r}")
         names.add(stage["name"])
-        for key in ("parameters", "grid"):
-            if not isinstance(stage.get(key, {}), dict):
-                raise SpecError(f"{where} ({stage['name']}): '{key}' must be a mapping")
-        if "output_dir" in stage and (stage.get("grid") or len(stage.get("cases", [{}])) > 1):
-            raise SpecError(f"{where} ({stage['name']}): 'output_dir' is for one-run stages only")
-        cases = stage.get("cases", [{}])
-        if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
-            raise SpecError(
-                f"{where} ({stage['name']}): 'cases' must be a non-empty list of mappings"
-            )
-        if "/" in stage["notebook"]:  # a path: relative to the specification's folder
-            stage["notebook"] = str((path.parent / stage["notebook"]).resolve())
-        bad = [k for k, v in stage.get("grid", {}).items() if not isinstance(v, list) or not v]
-        if bad:
-            raise SpecError(
-                f"{where} ({stage['name']}): grid values must be non-empty lists: {bad}"
-            )
     spec["_path"] = str(path)
     return spec
+
+
+def _check_stage(stage, where: str, path: Path) -> None:
+    """Check one stage of a specification in place (a notebook path made absolute)."""
+    if not isinstance(stage, dict) or "name" not in stage or "notebook" not in stage:
+        raise SpecError(f"{where}: each stage needs 'name' and 'notebook'")
+    check_name(stage["name"], f"{where}: name")
+    where = f"{where} ({stage['name']})"
+    _check_keys(stage, _STAGE_KEYS, where)
+    for key in ("notebook", "output_dir", "html"):
+        _check_string(stage, key, f"{where}: ")
+    if "html" in stage:
+        check_name(stage["html"], f"{where}: html")
+    _check_mapping(stage.get("parameters", {}), f"{where}: 'parameters'")
+    grid = _check_mapping(stage.get("grid", {}), f"{where}: 'grid'")
+    bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
+    if bad:
+        raise SpecError(f"{where}: grid values must be non-empty lists: {bad}")
+    cases = stage.get("cases", [{}])
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
+        raise SpecError(f"{where}: 'cases' must be a non-empty list of mappings")
+    for j, case in enumerate(cases):
+        _check_mapping(case, f"{where}: cases[{j}]", keys="_label")
+        if "_label" in case:
+            check_name(case["_label"], f"{where}: cases[{j}]._label")
+    if "output_dir" in stage and (grid or len(cases) > 1):
+        raise SpecError(f"{where}: 'output_dir' is for one-run stages only")
+    if "/" in stage["notebook"]:  # a path: relative to the specification's folder
+        stage["notebook"] = str((path.parent / stage["notebook"]).resolve())
 
 
 def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
@@ -194,10 +266,13 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
                 for k, v in varied.items()
                 if "/" not in str(v) and not (label and str(v) in label.split("-"))
             ]
+            if label is not None:  # placeholders are filled by now: check again
+                check_name(label, f"{where}: _label")
             rid = run_id(params, shown)
             run_dir = study_dir / stage["name"] / (f"{label}_{rid}" if label else rid)
             if "output_dir" in stage:  # a one-run stage writing to a fixed folder (the summary)
                 run_dir = Path(_substitute(stage["output_dir"], variables, where))
+            run_dir = _inside(run_dir, outputs, f"{where}: run folder")
             params["OUTPUT_DIR"] = str(run_dir)
             runs.append(
                 Run(
@@ -211,6 +286,14 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
                 )
             )
     return runs
+
+
+def _inside(folder: Path, outputs: Path, field: str) -> Path:
+    """``folder`` made absolute (``..`` removed, links kept), if it lies inside ``outputs``."""
+    folder = Path(os.path.abspath(outputs / folder))
+    if folder == outputs or not folder.is_relative_to(outputs):
+        raise SpecError(f"{field} {folder} is not inside the outputs folder {outputs}")
+    return folder
 
 
 def execute(run: Run, html: bool = True) -> None:
@@ -249,7 +332,7 @@ def render_html(notebook: Path, target: Path | None = None) -> Path:
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     target = target or notebook.with_suffix(".html")
-    target.write_text(body)
+    write_text_atomic(target, body)
     return target
 
 
@@ -303,6 +386,9 @@ def run_study(
     )
     if dry_run or not todo:
         return result
+    # A folder that cannot be made (a file in the way, no permission, a full disk) stops
+    # the study here with one error, not as a failure of every run.
+    (Path(outputs).resolve() / spec["name"]).mkdir(parents=True, exist_ok=True)
     counter = itertools.count(1)
 
     def one(run: Run) -> None:
@@ -320,15 +406,20 @@ def run_study(
     for _, stage_runs in itertools.groupby(todo, key=lambda r: r.stage):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             list(pool.map(one, stage_runs))
+    _report(spec["name"], result, time.time() - start, log)
+    return result
+
+
+def _report(name: str, result: StudyResult, seconds: float, log) -> None:
+    """The closing lines of a study: counts, then each failure with where to look."""
     log(
-        f"study {spec['name']}: {len(result.ran)} ran, {len(result.skipped)} skipped, "
-        f"{len(result.failed)} failed in {_clock(time.time() - start)}"
+        f"study {name}: {len(result.ran)} ran, {len(result.skipped)} skipped, "
+        f"{len(result.failed)} failed in {_clock(seconds)}"
     )
     for run, reason in result.failed:
         log(
             f"  failed: {run.stage}/{run.run_id}\n    notebook: {run.executed}\n    error: {reason}"
         )
-    return result
 
 
 def _statuses(runs: list[Run]) -> dict[Path, str]:
@@ -384,16 +475,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        result = run_study(
-            args.spec,
-            outputs=args.outputs,
-            only=args.only,
-            dry_run=args.dry_run,
-            jobs=args.jobs,
-            html=not args.no_html,
-        )
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """``chexlib study SPEC``: 0 when every run is complete, 1 when one failed.
+
+    A bad specification, a corrupt record or a system error ends the study
+    before any run; the ``chexlib`` dispatcher reports it in one line (exit 2).
+    """
+    result = run_study(
+        args.spec,
+        outputs=args.outputs,
+        only=args.only,
+        dry_run=args.dry_run,
+        jobs=args.jobs,
+        html=not args.no_html,
+    )
     return 0 if result.ok else 1

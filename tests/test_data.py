@@ -224,3 +224,79 @@ def test_validate_cli_reports_metadata_errors(nih):
         [sys.executable, "-m", "chexlib.cli", "validate", str(nih)], capture_output=True, text=True
     )
     assert res.returncode == 2 and "Dragon" in res.stderr
+
+
+# --- encodings, age units, physical lines, patients in both lists, symlinks -----------------
+
+
+def test_latin1_csv_is_refused_naming_file_and_physical_line(nih):
+    _rewrite_csv(nih, lambda r: r[4].__setitem__(5, "Féminin"))
+    path = nih / "Data_Entry_2017.csv"
+    path.write_bytes(path.read_text().encode("latin-1"))
+    with pytest.raises(DataError, match=r"Data_Entry_2017.csv line 5: not UTF-8 \(byte 0xe9"):
+        load_metadata(nih)
+
+
+def test_byte_order_marks_are_accepted(nih):
+    for name in ("Data_Entry_2017.csv", "test_list.txt", "train_val_list.txt"):
+        path = nih / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    df = load_metadata(nih)
+    assert len(df) == len(ROWS) and df["image"].iat[0] == ROWS[0][0]
+    assert sorted(df.loc[df["split"] == "test", "image"]) == sorted(TEST)
+
+
+def test_ages_with_units_are_converted_to_years(nih):
+    ages = ["058Y", "058M", "030D", "61", "", "7y", "0.5", "100"]
+    _rewrite_csv(nih, lambda r: [r[i + 1].__setitem__(4, a) for i, a in enumerate(ages)])
+    got = load_metadata(nih)["age"].tolist()
+    want = [58.0, 58 / 12, 30 / 365.25, 61.0, None, 7.0, 0.5, 100.0]
+    for g, w in zip(got, want, strict=True):
+        assert (w is None and np.isnan(g)) or g == pytest.approx(w), (got, want)
+
+
+@pytest.mark.parametrize("junk", ["abc", "58Q", "-3", "5 8", "Y"])
+def test_junk_age_is_refused_with_file_and_line(nih, junk):
+    _rewrite_csv(nih, lambda r: r[3].__setitem__(4, junk))
+    with pytest.raises(
+        DataError, match=r"Data_Entry_2017.csv line 4 .*'Patient Age' is not an age"
+    ):
+        load_metadata(nih)
+
+
+def test_error_lines_are_physical_lines_of_the_file(nih):
+    def edit(rows):
+        rows[2][11] = "a note\nover two lines"  # a quoted field holding a newline (line 3-4)
+        rows[5][1] = "Dragon"  # record 6 of the file, on physical line 7
+
+    _rewrite_csv(nih, edit)
+    with pytest.raises(DataError, match=r"line 7 .*Dragon"):
+        load_metadata(nih)
+    _rewrite_csv(nih, lambda r: (r[5].__setitem__(1, "Mass"), r.append(list(r[3]))))
+    with pytest.raises(DataError, match=r"line 11: duplicate image \S+ \(first on line 5\)"):
+        load_metadata(nih)
+
+
+def test_patient_in_both_official_lists_is_refused_by_name(nih):
+    (nih / "test_list.txt").write_text("\n".join([*TEST, "00000003_001.png"]) + "\n")
+    names = [r[0] for r in ROWS if r[0] not in TEST and r[0] != "00000003_001.png"]
+    (nih / "train_val_list.txt").write_text("\n".join(names) + "\n")
+    with pytest.raises(
+        DataError,
+        match=r"patient\(s\) in both .*patient 3 \(00000003_000.png in train_val_list.txt, "
+        r"00000003_001.png in test_list.txt\)",
+    ):
+        load_metadata(nih)
+
+
+def test_dangling_symlink_is_missing_not_corrupt(nih, tmp_path):
+    victim = next(nih.glob("images_*/images/00000004_000.png"))
+    victim.unlink()
+    victim.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match=r"00000004_000.png: missing file \(dangling symlink"):
+        load_metadata(nih)
+    df = load_metadata(nih, allow_missing=True)
+    assert df.attrs["excluded"][0]["reason"].startswith("missing file (dangling symlink")
+    report = validate_images(df, workers=1, progress=False)
+    assert report.missing == ["00000004_000.png"] and not report.corrupt
+    assert "dangling symlink" in report.to_dict()["missing_reasons"]["00000004_000.png"]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pandas as pd
 import pytest
@@ -58,7 +64,7 @@ def test_block_is_rewritten_and_figures_copied(tmp_path, summary_dir):
     readme.write_text(README)
     docs = tmp_path / "docs" / "results"
     docs.mkdir(parents=True)
-    (docs / "stale.png").write_bytes(b"from an older study")
+    (docs / "unrelated.png").write_bytes(b"not written by publish")
     files = publish.publish(summary_dir, readme, docs)
 
     text = readme.read_text()
@@ -68,7 +74,7 @@ def test_block_is_rewritten_and_figures_copied(tmp_path, summary_dir):
     assert "![Poster figures 1-2" in text and "(docs/results/fig1_2_naive_vs_optimized.png)" in text
     assert "CPU only: 2x test" in text
     assert (docs / "fig1_2_naive_vs_optimized.png").read_bytes() == b"\x89PNG fake figure"
-    assert not (docs / "stale.png").exists()
+    assert (docs / "unrelated.png").read_bytes() == b"not written by publish"
     assert readme in files
 
     publish.publish(summary_dir, readme, docs)  # idempotent: same block, once
@@ -99,3 +105,111 @@ def test_missing_markers_or_summary_is_a_clear_error(tmp_path, summary_dir):
     with pytest.raises(publish.PublishError, match="run the study's summary stage first"):
         publish.publish(tmp_path / "nowhere", readme, tmp_path / "docs")
     assert "old results" in readme.read_text()  # untouched after an error
+
+
+def test_publish_deletes_only_the_figures_it_wrote(tmp_path, summary_dir):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    docs = tmp_path / "docs" / "results"
+    docs.mkdir(parents=True)
+    (docs / "mine.png").write_bytes(b"a person's figure")
+    (tmp_path / "docs" / "outside.png").write_bytes(b"outside the docs folder")
+    (summary_dir / "scaling_efficiency.png").write_bytes(b"\x89PNG scaling")
+    publish.publish(summary_dir, readme, docs)
+    assert (docs / "scaling_efficiency.png").is_file()
+    listed = json.loads((docs / publish.PUBLISHED).read_text())["files"]
+    assert sorted(listed) == ["fig1_2_naive_vs_optimized.png", "scaling_efficiency.png"]
+
+    # The next study has no scaling figure: the old one goes, nothing else does.
+    (summary_dir / "scaling_efficiency.png").unlink()
+    publish.publish(summary_dir, readme, docs)
+    assert not (docs / "scaling_efficiency.png").exists()
+    assert (docs / "mine.png").read_bytes() == b"a person's figure"
+    assert "scaling_efficiency.png" not in readme.read_text()
+
+    # An edited list cannot make publish delete outside its folder, nor a hidden file.
+    (docs / publish.PUBLISHED).write_text(
+        json.dumps({"files": ["../outside.png", "/etc/hostname", ".published.json", "mine.png"]})
+    )
+    (summary_dir / "fig1_2_naive_vs_optimized.png").unlink()
+    (summary_dir / "real_vs_synthetic.png").write_bytes(b"\x89PNG real")
+    publish.publish(summary_dir, readme, docs)
+    assert (tmp_path / "docs" / "outside.png").is_file()
+    assert not (docs / "mine.png").exists()  # listed as ours, so it was ours to delete
+    assert sorted(p.name for p in docs.iterdir()) == [
+        publish.PUBLISHED,
+        "fig1_2_naive_vs_optimized.png",  # listed before the edit dropped it: kept
+        "real_vs_synthetic.png",
+    ]
+
+
+def test_markers_in_the_summary_text_publish_twice(tmp_path, summary_dir):
+    metrics = json.loads((summary_dir / "metrics.json").read_text())
+    metrics["conclusions"] = (
+        f"- a note quoting {publish.END} and {publish.BEGIN} in the text\n- second line"
+    )
+    write_json(summary_dir / "metrics.json", metrics)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    docs = tmp_path / "docs" / "results"
+    publish.publish(summary_dir, readme, docs)
+    first = readme.read_text()
+    assert first.count(publish.BEGIN) == 1 and first.count(publish.END) == 1
+    assert "a note quoting &lt;!-- results:end --&gt; and" in first
+    assert "- second line" in first and first.endswith("\n## after stays\n")
+
+    publish.publish(summary_dir, readme, docs)  # the next publish still finds its block
+    assert readme.read_text() == first
+
+
+def test_docs_folder_under_a_file_leaves_the_readme_intact(tmp_path, summary_dir):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    (tmp_path / "docs").write_text("a file where the docs folder should be")
+    with pytest.raises(NotADirectoryError):
+        publish.publish(summary_dir, readme, tmp_path / "docs" / "results")
+    assert readme.read_text() == README
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_readme_write_cut_off_halfway_leaves_it_intact(tmp_path, summary_dir):
+    """The disk fills while the README is written (a real RLIMIT_FSIZE, so also as root)."""
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    metrics = json.loads((summary_dir / "metrics.json").read_text())
+    write_json(summary_dir / "metrics.json", {**metrics, "conclusions": "- long\n" * 5000})
+    script = textwrap.dedent(
+        f"""
+        from chexlib.publish import publish
+        try:
+            publish({str(summary_dir)!r}, {str(readme)!r}, {str(tmp_path / "docs")!r})
+        except OSError as err:
+            raise SystemExit(f"failed: {{err.errno}}")
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size(16384),
+    )
+    assert "failed: 27" in res.stderr, res.stderr  # EFBIG: the README write was cut off
+    assert readme.read_text() == README
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".README.md.*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root a read-only file is still writable")
+def test_read_only_readme_is_refused_and_intact(tmp_path, summary_dir):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    readme.chmod(0o444)
+    with pytest.raises(PermissionError):
+        publish.publish(summary_dir, readme, tmp_path / "docs")
+    assert readme.read_text() == README

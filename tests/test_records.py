@@ -388,3 +388,45 @@ def test_conversion_notebook_runs_under_papermill(synth_dir, tmp_path, monkeypat
     assert all(row["decode_ms_per_image"] > 0 for row in metrics["table"])
     assert (out / "conversion.png").stat().st_size > 0
     assert json.loads((out / "params.json").read_text())["compact_size"] == 32
+
+
+# --- one conversion per folder ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_second_conversion_into_one_folder_is_refused_naming_the_first(synth_dir, tmp_path):
+    """Two real `chexlib convert` processes into one folder: the second refuses, the first lives."""
+    out = tmp_path / "shared"
+    cmd = [str(Path(sys.executable).with_name("chexlib")), "convert", str(synth_dir), str(out)]
+    cmd += ["--images-per-shard", "1", "--workers", "1", "--no-progress"]
+    first = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    lock, deadline = out / records.LOCK, time.monotonic() + 120
+    while first.poll() is None and time.monotonic() < deadline:
+        held = lock.is_file() and f"pid {first.pid} " in lock.read_text()
+        if held and list(out.glob("*.tfrecord")):  # locked and part-way through its shards
+            break
+        time.sleep(0.005)
+    assert first.poll() is None, "the first conversion finished before the second started"
+    os.killpg(first.pid, signal.SIGSTOP)  # freeze it (and its workers) while holding the lock
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    assert f"another conversion is writing into this folder (pid {first.pid} on" in second.stderr
+
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err.decode()  # its temporary shards were left alone
+    assert records.verify_records(out, synth_dir, progress=False).passed
+    assert not list((out / records.STATE_DIR).glob("*.tmp"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # lock released
+    assert again.returncode == 0, again.stderr
+
+
+def test_temporary_shard_names_are_unique_per_process_and_call():
+    names = {records._unique() for _ in range(100)}
+    assert len(names) == 100
+    assert all(f".{os.getpid()}." in n for n in names)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from chexlib.results import RecordError, write_json
 from chexlib.study import SpecError, expand, load_spec, run_study
 
 PROBE = Path(__file__).parent / "notebooks" / "probe.ipynb"
@@ -158,3 +159,90 @@ def test_summary_reruns_after_new_runs_and_strays_are_named(tmp_path):
     run_study(spec([2]), outputs=out, dry_run=True, log=lines.append)
     stray = [line for line in lines if "is not a run of this spec" in line]
     assert len(stray) == 1 and first.ran[0].run_id in stray[0]
+
+
+GOOD_STAGE = "  - {name: s, notebook: n}\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: 123\nstages:\n" + GOOD_STAGE, r"name must be a string, not int \(123\)"),
+        ("name: ../up\nstages:\n" + GOOD_STAGE, r"name '../up' is not a safe name"),
+        ("name: a/b\nstages:\n" + GOOD_STAGE, r"name 'a/b' is not a safe name"),
+        ("name: '..'\nstages:\n" + GOOD_STAGE, r"name '..' is not a safe name"),
+        ("stages:\n  - {name: a/b, notebook: n}\n", r"stage 1: name 'a/b' is not a safe name"),
+        ("stages:\n  - {name: 7, notebook: n}\n", r"stage 1: name must be a string, not int"),
+        ("stages:\n  - {name: '.', notebook: n}\n", r"stage 1: name '.' is not a safe name"),
+        (
+            "stages:\n  - {name: s, notebook: n, cases: [{A: 1, _label: ../evil}]}\n",
+            r"stage 1 \(s\): cases\[0\]._label '../evil' is not a safe name",
+        ),
+        (
+            "stages:\n  - {name: s, notebook: n, cases: [{A: 1, _label: 5}]}\n",
+            r"cases\[0\]._label must be a string, not int",
+        ),
+        ("stages:\n  - {name: s, notebook: 5}\n", r"stage 1 \(s\): notebook must be a non-empty"),
+        (
+            "stages:\n  - {name: s, notebook: n, parameters: [1]}\n",
+            r"'parameters' must be a mapping",
+        ),
+        ("stages:\n  - {name: s, notebook: n, grid: {A B: [1]}}\n", r"'grid': keys must be"),
+        (
+            "stages:\n  - {name: s, notebook: n, html: ../x.html}\n",
+            r"html '../x.html' is not a safe",
+        ),
+        (
+            "stages:\n  - {name: s, notebook: n, parameter: {A: 1}}\n",
+            r"unknown key\(s\) \['parameter'\]",
+        ),
+        ("hosts: 3\nstages:\n" + GOOD_STAGE, r"hosts must be a string, not int"),
+        ("vars: {d: [1]}\nstages:\n" + GOOD_STAGE, r"vars.d must be a string or a number"),
+        ("vars: [1]\nstages:\n" + GOOD_STAGE, r"vars must be a mapping"),
+        ("stages: 3\n", r"a study needs a non-empty 'stages' list"),
+        ("- just\n- a list\n", r"a study specification is a mapping"),
+    ],
+)
+def test_spec_fields_are_type_checked_and_named(tmp_path, text, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    with pytest.raises(SpecError, match=message) as info:
+        load_spec(spec)
+    assert str(spec) in str(info.value)
+
+
+def test_run_folders_never_land_outside_outputs(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("stages:\n  - {name: s, notebook: n, output_dir: '{outputs}/../elsewhere'}\n")
+    with pytest.raises(SpecError, match="run folder .*elsewhere is not inside the outputs folder"):
+        expand(load_spec(spec), tmp_path / "out")
+    bad_name = tmp_path / "my study.yaml"  # the default name comes from the file name
+    bad_name.write_text("stages:\n" + GOOD_STAGE)
+    with pytest.raises(SpecError, match=r"name \(from the file name; set 'name:'\)"):
+        load_spec(bad_name)
+    for run in expand(load_spec(_spec(tmp_path, [1, "../../x", "a/b"])), tmp_path / "out"):
+        assert run.run_dir.is_relative_to(tmp_path / "out" / "probe" / "square")
+
+
+def test_bad_spec_is_one_error_line_from_the_command(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: 123\nstages:\n" + GOOD_STAGE)
+    chexlib = Path(sys.executable).parent / "chexlib"
+    res = subprocess.run([str(chexlib), "study", str(spec)], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [
+        f"chexlib study: error: {spec}: name must be a string, not int (123)"
+    ]
+
+
+def test_corrupt_run_json_is_named(tmp_path):
+    spec = _spec(tmp_path, [1, 2])
+    first, second = expand(load_spec(spec), tmp_path / "out")
+    write_json(first.run_dir / "run.json", {"status": "complete", "parameters": {}})
+    second.run_dir.mkdir(parents=True)
+    (second.run_dir / "run.json").write_bytes(b"\x00\x00\x00")  # a crash left zeros
+    with pytest.raises(RecordError, match=f"{second.run_dir / 'run.json'}: corrupt JSON record"):
+        run_study(spec, outputs=tmp_path / "out", dry_run=True, log=lambda line: None)
+    (second.run_dir / "run.json").write_text("[]")
+    with pytest.raises(RecordError, match="run.json: expected a JSON object, found array"):
+        run_study(spec, outputs=tmp_path / "out", dry_run=True, log=lambda line: None)
