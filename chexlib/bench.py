@@ -590,6 +590,12 @@ def _row(r: dict) -> dict:
         "utilization": r.get("utilization"),
         "stall_fraction": r["stall_fraction"],
         "device_rate": r.get("device_rate"),
+        # CPU time of this process per image (all its threads): what feeding one image
+        # costs in core-milliseconds, whatever the number of cores
+        "cpu_ms_per_image": (
+            1000.0 * r["process_cpu_sec"] / r["timed_images"] if r["timed_images"] else None
+        ),
+        "cpu_count": r["cpu_count"],
     }
 
 
@@ -706,97 +712,8 @@ def utilization_sweep(
 # --- figures and the computed conclusion ---------------------------------------------
 
 
-def _windows_long(df):
-    """One row per timed window (seaborn draws the spread from them)."""
-    long = df.explode("windows").rename(columns={"windows": "window_images_per_sec"})
-    long["window_images_per_sec"] = long["window_images_per_sec"].astype(float)
-    return long
-
-
-def plot_throughput(df, ax=None):
-    """Images/s per source and pipeline (median, min-max bars) with each source's CPU limit drawn."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4.5))
-    order = list(dict.fromkeys(df["source_name"]))
-    hue_order = [p for p in BENCH_PIPELINES if p in set(df["pipeline"])]
-    sns.barplot(
-        data=_windows_long(df),
-        x="source_name",
-        y="window_images_per_sec",
-        hue="pipeline",
-        order=order,
-        hue_order=hue_order,
-        estimator="median",
-        errorbar=("pi", 100),
-        ax=ax,
-    )
-    tf_rows = df[df["pipeline"] != "keras-sequence"]
-    for i, name in enumerate(order):
-        limit = tf_rows.loc[tf_rows["source_name"] == name, "limit_images_per_sec"].dropna()
-        if len(limit):
-            ax.hlines(
-                limit.iloc[0],
-                i - 0.45,
-                i + 0.45,
-                colors="black",
-                linestyles="--",
-                label="CPU limit (cores x single core)" if i == 0 else None,
-            )
-    if df["images_per_sec"].max() > 20 * df["images_per_sec"].min():
-        ax.set_yscale("log")
-    ax.set_xlabel("source")
-    ax.set_ylabel("images/s (median window; bars: min-max)")
-    ax.set_title("Input pipeline throughput, no model")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return ax.figure
-
-
-def plot_ablation(df, ax=None):
-    """Throughput of optimized minus one step, relative to optimized with every step."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    hue = "source_name" if "source_name" in df else "source"
-    if ax is None:
-        bars = df["variant"].nunique() * df[hue].nunique()
-        _, ax = plt.subplots(figsize=(8, 1 + 0.35 * bars))
-    present = set(df["variant"])
-    order = [
-        "optimized (all steps)",
-        *[f"minus {s}" for s in pipeline.OPTIMIZED_STEPS],
-        "naive (no steps)",
-    ]
-    sns.barplot(
-        data=df, y="variant", x="relative", hue=hue, order=[v for v in order if v in present], ax=ax
-    )
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set_xlabel("throughput relative to optimized with all steps")
-    ax.set_ylabel("")
-    ax.set_title("Ablation: which step buys what")
-    return ax.figure
-
-
-def plot_utilization(df, ax=None):
-    """SIMULATED accelerator utilization against device speed, per pipeline."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(data=df, x="device_rate", y="utilization", hue="pipeline", marker="o", ax=ax)
-    ax.axhline(0.95, color="grey", linestyle=":", label="95 % utilization")
-    limit = df["limit_images_per_sec"].dropna()
-    if len(limit):
-        ax.axvline(limit.iloc[0], color="black", linestyle="--", label="CPU limit")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("simulated device speed (images/s)")
-    ax.set_ylabel("utilization (busy / wall)")
-    ax.set_title("SIMULATED accelerator utilization: naive vs optimized")
-    ax.legend(fontsize=8, loc="lower left")
-    return ax.figure
+# The figures live in chexlib.bench_plots (no TensorFlow there); kept importable from here.
+from chexlib.bench_plots import plot_ablation, plot_throughput, plot_utilization  # noqa: E402, F401
 
 
 def _pick(df, **match):

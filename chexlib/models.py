@@ -5,6 +5,15 @@
 and teaching only: it trains in seconds on a CPU, so end-to-end checks (AUROC
 on planted signals, resume, Horovod ranks) stay fast. It is not a CheXNet.
 
+``standin`` is the same small CNN in another role: a **stand-in for a fast
+accelerator**. The poster's question (is the GPU starved by its input?) is
+about the ratio of the model's cost per image to the input's cost per image.
+On a CPU, DenseNet121 costs far more per image than decoding a PNG, so every
+run is compute-bound and the pipelines tie. The stand-in costs about a
+millisecond per image at 128 px, less than the raw-PNG decode (about 10 ms per
+image per core), which puts a CPU run in the poster's regime for real: the
+input pipeline decides the speed. The study prints both costs side by side.
+
 Weights never come from the network at run time. ``imagenet`` loads the
 Keras "notop" ``.h5`` file from a path the user gives, or from the Keras
 cache (``~/.keras/models``) where ``tf.keras.applications`` would have put
@@ -18,7 +27,14 @@ from pathlib import Path
 
 from chexlib.data import LABELS
 
-MODELS = ("densenet121", "resnet50", "tiny")
+MODELS = ("densenet121", "resnet50", "tiny", "standin")
+# What each model is, for tables and figures.
+MODEL_LABELS = {
+    "densenet121": "DenseNet121",
+    "resnet50": "ResNet50",
+    "tiny": "tiny (test CNN)",
+    "standin": "stand-in for a fast accelerator",
+}
 HEAD_NAME = "chexnet_predictions"  # the Dense(14) layer; also marks a full-model .h5
 
 # The Keras applications' notop weight files: name in the Keras cache, and where
@@ -37,7 +53,12 @@ IMAGENET_FILES = {
 
 # The ImageNet normalisation each model expects, by the name the pipeline knows
 # (chexlib.pipeline.normalization_for): the tiny model uses DenseNet's.
-PIPELINE_MODEL = {"densenet121": "densenet121", "resnet50": "resnet50", "tiny": "densenet121"}
+PIPELINE_MODEL = {
+    "densenet121": "densenet121",
+    "resnet50": "resnet50",
+    "tiny": "densenet121",
+    "standin": "densenet121",
+}
 
 
 class WeightsError(ValueError):
@@ -103,11 +124,12 @@ def _base(model: str, image_size: int, weights_file: Path | None):
         )
     if model == "resnet50":
         return tf.keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
-    return _tiny_base(shape)
+    return _tiny_base(shape, name=model)
 
 
-def _tiny_base(shape):
-    """Four strided conv blocks (16..128 filters): a test/teaching model, not CheXNet."""
+def _tiny_base(shape, name: str = "tiny"):
+    """Four strided conv blocks (16..128 filters): a test/teaching model, not CheXNet
+    (also the fast-accelerator stand-in, ``standin``)."""
     import tensorflow as tf
 
     layers = tf.keras.layers
@@ -120,7 +142,7 @@ def _tiny_base(shape):
         # momentum 0.9: the moving statistics settle within a few dozen steps of a short test run
         x = layers.BatchNormalization(momentum=0.9, name=f"tiny_bn{i}")(x)
         x = layers.ReLU(name=f"tiny_relu{i}")(x)
-    return tf.keras.Model(inputs, x, name="tiny")
+    return tf.keras.Model(inputs, x, name=name)
 
 
 def build_model(
@@ -135,7 +157,8 @@ def build_model(
     sigmoid and the loss are computed in full precision.
 
     Args:
-        model: ``densenet121``, ``resnet50`` or ``tiny`` (test/teaching model).
+        model: ``densenet121``, ``resnet50``, ``tiny`` (test/teaching model) or
+            ``standin`` (the same small CNN as a fast-accelerator stand-in).
         image_size: square input size in pixels.
         weights: ``None``/``"none"`` (random init), ``"imagenet"`` (the notop
             file in the Keras cache), a path to a notop ``.h5`` file (ImageNet
@@ -155,8 +178,8 @@ def build_model(
     kind, source = weights_kind(weights)
     base_file = None
     if kind == "imagenet":
-        if model == "tiny":
-            raise WeightsError("the tiny test model has no ImageNet weights; use --weights none")
+        if model in ("tiny", "standin"):
+            raise WeightsError(f"the {model} model has no ImageNet weights; use --weights none")
         base_file = imagenet_weights_path(model, source)
     base = _base(model, image_size, base_file)
     x = tf.keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)

@@ -1,12 +1,15 @@
-"""The study summary: one tidy table of every run, the poster's figures, conclusions.
+"""The study summary's tables: one row per training run, gains, scaling, costs.
 
 Everything here reads the run records a study wrote (``results.collect_runs``)
 and nothing else, so the summary can be rebuilt from ``outputs/`` at any time.
-The poster's own numbers are kept beside ours, always labelled as theirs.
+The figures are in :mod:`chexlib.plots`, the claims and their verdicts in
+:mod:`chexlib.verdicts`; published numbers (theirs) in :mod:`chexlib.reference`.
+Reporting layer: pandas only, never TensorFlow.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,23 +17,27 @@ import numpy as np
 import pandas as pd
 
 from chexlib.data import LABELS
+from chexlib.reference import (
+    CHEXNET_MEAN_AUROC,
+    CHEXNET_TEST_AUROC,
+    POSTER_HARDWARE,  # noqa: F401 - re-exported for the notebooks
+    POSTER_MEAN_AUROC,
+    POSTER_RECORDS_GAIN,  # noqa: F401
+    POSTER_THROUGHPUT,
+    POSTER_VAL_AUROC,
+)
 from chexlib.results import collect_runs
 
-# Vasudev et al., SC'19 poster: DenseNet121, FP32, TFRecords, images/s in total
-# on V100 GPUs (REFERENCE.md). Theirs, not ours.
-POSTER_THROUGHPUT = {
-    1: 185.12,
-    2: 315.26,
-    3: 421.85,
-    4: 589.36,
-    8: 1116.99,
-    12: 1527.60,
-    16: 1912.82,
-}
-# Poster: TFRecords (full-size PNG bytes) over raw PNG files, 4 GPUs.
-POSTER_RECORDS_GAIN = {"resnet50": 8.39, "densenet121": 13.1}
-POSTER_HARDWARE = "poster: PowerEdge C4140, 4x V100 per node, TF 1.12, Horovod 0.16.4"
 INPUT_ORDER = ["raw PNG", "png-records", "compact-records", "synthetic"]
+MODEL_ORDER = ["standin", "densenet121", "resnet50", "tiny"]
+# A run is input-bound when its real data reaches less than this share of its
+# own synthetic-data ceiling (the input, not the model, sets the speed).
+INPUT_BOUND_BELOW = 0.9
+# Everything but the number of ranks that makes two runs comparable.
+CONFIG = ["model", "pipeline", "input", "pin_cores", "image_size", "batch_size_per_rank",
+          "mixed_precision", "xla"]  # fmt: skip
+# A run that evaluated (a learning run) is not a repeat of a throughput run.
+RUN_KEY = [*CONFIG, "ranks", "epochs", "evaluated", "synthetic_paired"]
 
 
 def _input_name(params: dict, metrics: dict) -> str:
@@ -46,48 +53,104 @@ def _input_name(params: dict, metrics: dict) -> str:
     return "records"
 
 
+def _paired_spread(m: dict) -> tuple[float | None, float | None]:
+    """Smallest and largest real/synthetic window ratio over ranks of a paired run."""
+    paired = m.get("paired_synthetic") or []
+    lows = [p.get("ratio_min") for p in paired if p.get("ratio_min") is not None]
+    highs = [p.get("ratio_max") for p in paired if p.get("ratio_max") is not None]
+    return (min(lows) if lows else None, max(highs) if highs else None)
+
+
+def _training_row(rec: dict) -> dict:
+    m = rec["metrics"]
+    low, high = _paired_spread(m)
+    row = {
+        "run_id": rec["run_id"],
+        "model": m.get("model"),
+        "pipeline": m.get("pipeline"),
+        "input": _input_name(rec["params"], m),
+        "ranks": int(m["ranks"]),
+        "pin_cores": int(m.get("pin_cores") or 0),
+        "images_per_sec": m.get("images_per_sec"),
+        "images_per_sec_ci95": m.get("images_per_sec_ci95"),
+        "images_per_sec_per_rank": m.get("images_per_sec_per_rank"),
+        "synthetic_images_per_sec": m.get("synthetic_images_per_sec"),
+        "fraction_of_synthetic": m.get("fraction_of_synthetic"),
+        "fraction_min": low,
+        "fraction_max": high,
+        "model_ms_per_image": m.get("model_ms_per_image"),
+        "synthetic_paired": m.get("paired_synthetic") is not None,
+        "mean_auroc": m.get("mean_auroc"),
+        "auroc_split": m.get("auroc_split"),
+        "epochs": m.get("epochs"),
+        "image_size": m.get("image_size"),
+        "batch_size_per_rank": m.get("batch_size_per_rank"),
+        "mixed_precision": bool(m.get("mixed_precision")),
+        "xla": bool(m.get("xla")),
+        "hardware": (m.get("environment") or {}).get("hardware"),
+        "cpu_count": (m.get("environment") or {}).get("cpu_count"),
+        "finished": _finished(rec),
+    }
+    row.update({f"auroc.{k}": v for k, v in (m.get("auroc") or {}).items()})
+    return row
+
+
+def _finished(rec: dict) -> float:
+    """When the run's record was written (newest wins among repeats); 0 when unknown."""
+    try:
+        return (Path(rec["run_dir"]) / "metrics.json").stat().st_mtime
+    except (KeyError, OSError):
+        return 0.0
+
+
 def training_table(records: list[dict]) -> pd.DataFrame:
-    """One row per training run, with scaling efficiency against the 1-rank run."""
-    rows = []
-    for rec in records:
-        m = rec["metrics"]
-        if "images_per_sec" not in m or "ranks" not in m:
-            continue
-        row = {
-            "run_id": rec["run_id"],
-            "model": m.get("model"),
-            "pipeline": m.get("pipeline"),
-            "input": _input_name(rec["params"], m),
-            "ranks": int(m["ranks"]),
-            "images_per_sec": m.get("images_per_sec"),
-            "images_per_sec_per_rank": m.get("images_per_sec_per_rank"),
-            "synthetic_images_per_sec": m.get("synthetic_images_per_sec"),
-            "fraction_of_synthetic": m.get("fraction_of_synthetic"),
-            "synthetic_paired": m.get("paired_synthetic") is not None,
-            "mean_auroc": m.get("mean_auroc"),
-            "auroc_split": m.get("auroc_split"),
-            "image_size": m.get("image_size"),
-            "batch_size_per_rank": m.get("batch_size_per_rank"),
-            "mixed_precision": bool(m.get("mixed_precision")),
-            "xla": bool(m.get("xla")),
-            "hardware": (m.get("environment") or {}).get("hardware"),
-        }
-        row.update({f"auroc.{k}": v for k, v in (m.get("auroc") or {}).items()})
-        rows.append(row)
+    """One row per training configuration, with shared ceilings, scaling and the bound.
+
+    Two runs of the same configuration (a leftover of an earlier spec, a rerun)
+    are not both kept: the newest is used and ``repeats`` says how many there were.
+    """
+    rows = [
+        _training_row(rec)
+        for rec in records
+        if "images_per_sec" in rec["metrics"] and "ranks" in rec["metrics"]
+    ]
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    for col in (
-        "images_per_sec",
-        "images_per_sec_per_rank",
-        "synthetic_images_per_sec",
-        "fraction_of_synthetic",
-        "mean_auroc",
-    ):
+    for col in ("images_per_sec", "images_per_sec_ci95", "images_per_sec_per_rank",
+                "synthetic_images_per_sec", "fraction_of_synthetic", "fraction_min",
+                "fraction_max", "model_ms_per_image", "mean_auroc"):  # fmt: skip
         table[col] = pd.to_numeric(table[col], errors="coerce")
-    # The synthetic ceiling depends on the model and its configuration, not on the
-    # input: a study may measure it in one run per configuration and share it.
-    same = ["model", "ranks", "image_size", "batch_size_per_rank", "mixed_precision", "xla"]
+    table["evaluated"] = table["mean_auroc"].notna()
+    table = _newest_per_configuration(table)
+    table = _share_ceiling(table)
+    table["bound"] = np.where(
+        table["fraction_of_synthetic"].isna(),
+        None,
+        np.where(
+            table["fraction_of_synthetic"] < INPUT_BOUND_BELOW, "input-bound", "compute-bound"
+        ),
+    )
+    table = _scaling(table)
+    table["model_order"] = table["model"].map(
+        lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 99
+    )
+    table = table.sort_values(["model_order", "pipeline", "input", "pin_cores", "ranks"])
+    return table.drop(columns="model_order").reset_index(drop=True)
+
+
+def _newest_per_configuration(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.sort_values(["finished", "run_id"])
+    repeats = table.groupby(RUN_KEY, dropna=False)["run_id"].transform("size")
+    table = table.assign(repeats=repeats)
+    return table.drop_duplicates(subset=RUN_KEY, keep="last")
+
+
+def _share_ceiling(table: pd.DataFrame) -> pd.DataFrame:
+    """The synthetic ceiling depends on the model and its configuration, not on the
+    input or pipeline: a study may measure it once per configuration and share it."""
+    same = ["model", "ranks", "pin_cores", "image_size", "batch_size_per_rank",
+            "mixed_precision", "xla"]  # fmt: skip
     shared = table.groupby(same, dropna=False)["synthetic_images_per_sec"].transform("median")
     missing = table["synthetic_images_per_sec"].isna() & shared.notna()
     table["synthetic_shared"] = missing
@@ -95,28 +158,80 @@ def training_table(records: list[dict]) -> pd.DataFrame:
     table.loc[missing, "fraction_of_synthetic"] = (
         table.loc[missing, "images_per_sec"] / shared[missing]
     )
-    keys = ["model", "pipeline", "input"]
-    one_rank = table[table["ranks"] == 1].set_index(keys)["images_per_sec"]
-    base = table.set_index(keys).index.map(one_rank.to_dict().get)
-    table["scaling_efficiency"] = table["images_per_sec"] / (table["ranks"] * pd.to_numeric(base))
-    return table.sort_values(keys + ["ranks"]).reset_index(drop=True)
+    return table
+
+
+def _scaling(table: pd.DataFrame) -> pd.DataFrame:
+    """images/s(N) / (N x images/s(1)) against the 1-rank run of the same configuration.
+
+    With ``pin_cores`` every rank has its own cores, so this is weak scaling
+    (Horovod's own overhead); without, the ranks share the machine's cores.
+    """
+    one = table[table["ranks"] == 1].set_index(CONFIG)["images_per_sec"]
+    base = table.set_index(CONFIG).index.map(one.to_dict().get)
+    table["scaling_efficiency"] = table["images_per_sec"] / (
+        table["ranks"] * pd.to_numeric(pd.Series(base, index=table.index))
+    )
+    table["scaling_kind"] = np.where(
+        table["pin_cores"] > 0,
+        "weak: " + table["pin_cores"].astype(str) + " core(s) per rank",
+        "ranks share all cores",
+    )
+    return table
+
+
+def ratio_with_noise(a: pd.Series, b: pd.Series) -> dict:
+    """a / b for two rows, with the run-to-run noise of the ratio from their windows.
+
+    Noise: the relative 1.96-std spreads of both runs' timed windows added in
+    quadrature. A ratio within ``1 +- noise`` is not a gain or a loss.
+    """
+    ratio = a["images_per_sec"] / b["images_per_sec"]
+    parts = [
+        (r["images_per_sec_ci95"] / r["images_per_sec"])
+        for r in (a, b)
+        if pd.notna(r.get("images_per_sec_ci95")) and r["images_per_sec"]
+    ]
+    noise = math.sqrt(sum(p * p for p in parts)) if parts else None
+    return {
+        "ratio": float(ratio),
+        "noise": noise,
+        "within_noise": bool(noise is not None and abs(ratio - 1) <= noise),
+        "runs": [a["run_id"], b["run_id"]],
+    }
+
+
+def throughput_rows(train: pd.DataFrame) -> pd.DataFrame:
+    """One run per (configuration, ranks) for throughput figures: a run that only
+    measured throughput is preferred to a learning run of the same configuration."""
+    if train.empty:
+        return train
+    ordered = train.sort_values(["evaluated", "synthetic_paired"], ascending=[True, False])
+    return ordered.drop_duplicates(subset=[*CONFIG, "ranks"]).sort_index()
 
 
 def records_gain(train: pd.DataFrame) -> pd.DataFrame:
-    """% images/s of each records variant over raw PNG, same model, pipeline and ranks."""
-    keys = ["model", "pipeline", "ranks"]
-    raw = train[train["input"] == "raw PNG"].set_index(keys)["images_per_sec"]
+    """% images/s of each records variant over raw PNG, same configuration otherwise."""
+    train = throughput_rows(train)
+    keys = [k for k in [*CONFIG, "ranks"] if k != "input"]
+    raw = train[train["input"] == "raw PNG"].set_index(keys)
     rows = []
     for _, r in train[train["input"] != "raw PNG"].iterrows():
-        ref = raw.get(tuple(r[k] for k in keys))
-        if ref and not np.isnan(ref):
-            rows.append(
-                {
-                    **{k: r[k] for k in keys},
-                    "input": r["input"],
-                    "gain_percent": 100.0 * (r["images_per_sec"] / ref - 1.0),
-                }
-            )
+        key = tuple(r[k] for k in keys)
+        if key not in raw.index:
+            continue
+        ref = raw.loc[key]
+        ref = ref.iloc[-1] if isinstance(ref, pd.DataFrame) else ref
+        cmp = ratio_with_noise(r, ref.to_dict())
+        rows.append(
+            {
+                **{k: r[k] for k in keys},
+                "input": r["input"],
+                "gain_percent": 100.0 * (cmp["ratio"] - 1.0),
+                "noise_percent": 100.0 * cmp["noise"] if cmp["noise"] is not None else None,
+                "within_noise": cmp["within_noise"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -125,15 +240,11 @@ def poster_scaling() -> pd.DataFrame:
     one = POSTER_THROUGHPUT[1]
     return pd.DataFrame(
         [
-            {
-                "ranks": n,
-                "images_per_sec": v,
-                "scaling_efficiency": v / (n * one),
-                "who": "poster (V100 GPUs)",
-            }
+            {"ranks": n, "images_per_sec": v, "scaling_efficiency": v / (n * one),
+             "who": "poster (V100 GPUs, theirs)"}
             for n, v in POSTER_THROUGHPUT.items()
         ]
-    )
+    )  # fmt: skip
 
 
 def profiling_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
@@ -147,266 +258,103 @@ def profiling_tables(records: list[dict]) -> dict[str, pd.DataFrame]:
     return {name: pd.DataFrame(rows) for name, rows in tables.items()}
 
 
+def hardware_caption(records: list[dict]) -> str:
+    """What the numbers ran on, computed from the run records ("2 CPU cores, no GPU (...)").
+
+    The machine's core count is the largest any run saw: a pinned rank sees only its own.
+    """
+    envs = [rec["metrics"].get("environment") or {} for rec in records]
+    gpus = sorted({g for e in envs for g in e.get("gpus") or []})
+    if gpus:
+        return f"GPUs: {', '.join(gpus)}"
+    cores = max((e.get("cpu_count") or 0 for e in envs), default=0)
+    cpus = sorted({e["cpu"] for e in envs if e.get("cpu")})
+    what = f"{cores} CPU cores" if cores else "CPU"
+    return f"{what}, no GPU" + (f" ({cpus[0]})" if cpus else "")
+
+
 def load_study(study_dir: str | Path) -> dict:
     """Every table the summary needs, from the run records under ``study_dir``."""
+    from chexlib.feeding import input_costs, projection
+
     records = collect_runs(study_dir)
     by_stage: dict[str, list] = {}
     for rec in records:
         by_stage.setdefault(rec["stage"], []).append(rec)
     train = training_table(records)
+    profiling = profiling_tables(records)
+    costs = input_costs(profiling["throughput"])
     return {
         "records": records,
         "stages": {k: len(v) for k, v in by_stage.items()},
+        "hardware": hardware_caption(records),
         "train": train,
         "gain": records_gain(train) if not train.empty else pd.DataFrame(),
-        **profiling_tables(records),
+        "input_costs": costs,
+        "feeding": projection(costs) if not costs.empty else pd.DataFrame(),
+        **profiling,
     }
 
 
-def auroc_comparison(train: pd.DataFrame) -> pd.DataFrame:
-    """Per-class AUROC of our best-scoring run beside CheXNet's and the poster's."""
-    from chexlib.train import CHEXNET_TEST_AUROC, POSTER_VAL_AUROC
+def cpu_ms(tables: dict, input_name: str) -> float | None:
+    """CPU ms per image of one input (``raw PNG``, ...) measured by the profiling stage."""
+    costs = tables.get("input_costs")
+    if costs is None or costs.empty or input_name not in set(costs["input"]):
+        return None
+    return float(costs.set_index("input").loc[input_name, "cpu_ms_per_image"])
 
+
+def cost_table(train: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """The model's ms per image beside the input's: why a run is input- or compute-bound.
+
+    Model: wall ms per image of one rank on its cores with no input work (the
+    synthetic ceiling). Input: CPU ms per image of the optimized pipeline alone
+    (profiling stage), and the wall ms per image it needs on the same cores.
+    """
+    raw = costs.set_index("input")["cpu_ms_per_image"].get("raw PNG") if not costs.empty else None
+    rows = []
+    one_rank = train[(train["ranks"] == 1) & (train["pin_cores"] == 0)]
+    for model, part in one_rank.groupby("model", sort=False):
+        ms = part["model_ms_per_image"].dropna()
+        cores = part["cpu_count"].dropna()
+        rows.append(
+            {
+                "model": model,
+                "model_ms_per_image": float(ms.median()) if len(ms) else None,
+                "raw_png_cpu_ms_per_image": raw,
+                "raw_png_wall_ms_per_image": raw / cores.max() if raw and len(cores) else None,
+                "bound_on_raw_png": _bound(part),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _bound(part: pd.DataFrame) -> str | None:
+    raw = part[(part["input"] == "raw PNG") & (part["pipeline"] == "optimized")]
+    values = raw["bound"].dropna()
+    return values.iloc[0] if len(values) else None
+
+
+def auroc_comparison(train: pd.DataFrame) -> pd.DataFrame:
+    """Per-class AUROC of our best-scoring run beside CheXNet's and the poster's (theirs)."""
     scored = train.dropna(subset=["mean_auroc"])
     if scored.empty:
         return pd.DataFrame()
     best = scored.loc[scored["mean_auroc"].idxmax()]
-    ours = f"ours: {best['model']} {best['pipeline']} {best['input']} ({best['auroc_split']})"
+    ours = (
+        f"ours: {best['model']} {best['input']}, {best['auroc_split']} split "
+        "(generated data unless the study ran on NIH images)"
+    )
     table = pd.DataFrame(
         {
             ours: [best.get(f"auroc.{label}") for label in LABELS],
-            "CheXNet (test, theirs)": [CHEXNET_TEST_AUROC[label] for label in LABELS],
-            "poster (val, theirs)": [POSTER_VAL_AUROC[label] for label in LABELS],
+            "CheXNet (NIH test, theirs)": [CHEXNET_TEST_AUROC[label] for label in LABELS],
+            "poster (NIH val, theirs)": [POSTER_VAL_AUROC[label] for label in LABELS],
         },
         index=list(LABELS),
     ).astype(float)
-    table.loc["mean"] = [best["mean_auroc"], 0.841, 0.804]
+    table.loc["mean"] = [best["mean_auroc"], CHEXNET_MEAN_AUROC, POSTER_MEAN_AUROC]
     return table
-
-
-# --- figures -----------------------------------------------------------------
-
-
-def _facet(data: pd.DataFrame, y: str, hue: str, title: str, ylabel: str, style=None):
-    import seaborn as sns
-
-    grid = sns.relplot(
-        data=data,
-        x="ranks",
-        y=y,
-        hue=hue,
-        style=style,
-        col="model",
-        kind="line",
-        marker="o",
-        height=3.6,
-        aspect=1.2,
-        facet_kws={"sharey": False},
-    )
-    grid.set_axis_labels("Horovod ranks", ylabel)
-    for ax in grid.axes.flat:
-        ax.set_xticks(sorted(data["ranks"].unique()))
-    grid.figure.suptitle(title, y=1.04)
-    return grid.figure
-
-
-def plot_pipelines(train: pd.DataFrame):
-    """Poster figures 1 and 2: images/s of naive vs optimized against ranks, per model."""
-    return _facet(
-        train,
-        "images_per_sec",
-        "pipeline",
-        "Naive vs optimized tf.data pipeline (poster figures 1-2)",
-        "images/s (all ranks)",
-        style="input",
-    )
-
-
-def plot_sources(train: pd.DataFrame):
-    """Poster figure 3: raw PNG vs TFRecords (both variants) against ranks, optimized pipeline."""
-    optimized = train[train["pipeline"] == "optimized"]
-    return _facet(
-        optimized,
-        "images_per_sec",
-        "input",
-        "Raw PNG vs TFRecords, optimized pipeline (poster figure 3)",
-        "images/s (all ranks)",
-    )
-
-
-def plot_records_gain(gain: pd.DataFrame):
-    """Poster figure 4: % improvement of records over raw, with the poster's values marked."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    models = sorted(gain["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        part = gain[(gain["model"] == model) & (gain["pipeline"] == "optimized")]
-        sns.barplot(data=part, x="ranks", y="gain_percent", hue="input", ax=ax)
-        ax.axhline(0, color="0.3", lw=1)
-        theirs = POSTER_RECORDS_GAIN.get(model)
-        if theirs is not None:
-            ax.axhline(
-                theirs, color="C3", ls="--", lw=1.2, label=f"poster, 4 V100s (theirs): +{theirs} %"
-            )
-        ax.set_title(model)
-        ax.set_xlabel("Horovod ranks")
-        ax.set_ylabel("images/s gain over raw PNG (%)")
-        ax.legend(fontsize=8)
-    fig.suptitle("TFRecords over raw PNG, optimized pipeline (poster figure 4)", y=1.03)
-    fig.tight_layout()
-    return fig
-
-
-def plot_scaling(train: pd.DataFrame):
-    """Scaling efficiency against ranks: ours (per model/pipeline/input) and the poster's."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    ours = train.dropna(subset=["scaling_efficiency"]).copy()
-    ours["who"] = "ours: " + ours["model"] + " " + ours["pipeline"] + " " + ours["input"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    sns.lineplot(data=ours, x="ranks", y="scaling_efficiency", hue="who", marker="o", ax=ax)
-    theirs = poster_scaling()
-    ax.plot(
-        theirs["ranks"],
-        theirs["scaling_efficiency"],
-        "k--o",
-        label="poster DenseNet121 (theirs, V100)",
-    )
-    ax.axhline(1.0, color="0.6", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(set(theirs["ranks"]) | set(ours["ranks"])))
-    ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
-    ax.set_xlabel("Horovod ranks (ours) / GPUs (poster)")
-    ax.set_ylabel("scaling efficiency")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    ax.set_title("Scaling efficiency: throughput(N) / (N x throughput(1))")
-    fig.tight_layout()
-    return fig
-
-
-def plot_ceiling(train: pd.DataFrame):
-    """Real-data throughput as a fraction of the synthetic-data ceiling, same configuration."""
-    import seaborn as sns
-
-    data = train.dropna(subset=["fraction_of_synthetic"])
-    grid = sns.catplot(
-        data=data,
-        x="input",
-        y="fraction_of_synthetic",
-        hue="pipeline",
-        col="model",
-        row="ranks",
-        kind="bar",
-        height=3.0,
-        aspect=1.4,
-        order=[i for i in INPUT_ORDER if i in set(data["input"])],
-    )
-    for ax in grid.axes.flat:
-        ax.axhline(1.0, color="0.3", lw=1)
-        ax.axhline(0.97, color="C3", ls="--", lw=1)
-    grid.set_axis_labels("", "real / synthetic images/s")
-    grid.figure.suptitle("Real data against the synthetic-data ceiling (red: 97 % target)", y=1.03)
-    paired = data.get("synthetic_paired", pd.Series(False, index=data.index)).fillna(False)
-    shared = data.get("synthetic_shared", pd.Series(False, index=data.index)).fillna(False)
-    kinds = pd.Series(
-        [
-            "paired" if p else ("shared" if s else "separate run")
-            for p, s in zip(paired, shared, strict=True)
-        ]
-    )
-    meaning = {  # how each bar's ceiling was measured
-        "paired": "paired: ceiling from alternating windows of the same run",
-        "shared": "shared: ceiling from another run of the same model and ranks "
-        "(separate runs differ by 10-15 % on a busy CPU)",
-    }
-    notes = [text for kind, text in meaning.items() if (kinds == kind).any()]
-    if notes:
-        counts = kinds.value_counts()
-        grid.figure.text(
-            0.01,
-            -0.04,
-            "; ".join(notes) + ". Bars: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + ".",
-            fontsize=8,
-            ha="left",
-        )
-    return grid.figure
-
-
-# --- conclusions computed from the table ------------------------------------
-
-
-def _ratio_text(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "n/a"
-    return (
-        f"{values.median():.2f}x (range {values.min():.2f}-{values.max():.2f}, {len(values)} pairs)"
-    )
-
-
-def conclusions(tables: dict) -> str:
-    """A short Markdown list of what the numbers say; every figure computed here."""
-    train, lines = tables["train"], []
-    if not train.empty:
-        keys = ["model", "input", "ranks"]
-        piv = train.pivot_table(index=keys, columns="pipeline", values="images_per_sec")
-        if {"naive", "optimized"} <= set(piv.columns):
-            lines.append(
-                f"- Training, optimized over naive pipeline: {_ratio_text(piv['optimized'] / piv['naive'])}."
-            )
-        gain = tables["gain"]
-        for variant in sorted(gain["input"].unique()) if not gain.empty else []:
-            g = gain[(gain["input"] == variant) & (gain["pipeline"] == "optimized")]["gain_percent"]
-            if len(g):
-                lines.append(
-                    f"- {variant} over raw PNG (optimized): median {g.median():+.1f} % "
-                    f"(range {g.min():+.1f} to {g.max():+.1f} %); the poster (theirs) measured "
-                    f"+8.4 % (ResNet50) and +13.1 % (DenseNet121) on 4 V100s."
-                )
-        eff = train[train["ranks"] > 1]["scaling_efficiency"].dropna()
-        if len(eff):
-            lines.append(
-                f"- Scaling efficiency at {int(train['ranks'].max())} ranks: median {eff.median():.0%} "
-                f"(poster, theirs: 79.6 % at 4 GPUs, 64.6 % at 16)."
-            )
-        frac = train.loc[train["pipeline"] == "optimized", "fraction_of_synthetic"].dropna()
-        if len(frac):
-            lines.append(
-                f"- Optimized real-data throughput is a median {frac.median():.0%} of the "
-                f"synthetic ceiling ({(frac >= 0.97).sum()} of {len(frac)} runs reach 97 %)."
-            )
-        if "synthetic_paired" in train:
-            paired = train.loc[
-                train["synthetic_paired"].fillna(False).astype(bool), "fraction_of_synthetic"
-            ].dropna()
-            if len(paired):
-                lines.append(
-                    f"- Measured paired (real and synthetic windows alternating in one run): "
-                    f"real = median {paired.median():.0%} of synthetic "
-                    f"(range {paired.min():.0%}-{paired.max():.0%}, {len(paired)} runs)."
-                )
-        best = train["mean_auroc"].dropna()
-        if len(best):
-            lines.append(
-                f"- Best mean AUROC {best.max():.3f} (CheXNet, theirs: 0.841 on the NIH test set)."
-            )
-    thr = tables.get("throughput")
-    if thr is not None and not thr.empty and "fraction_of_limit" in thr:
-        opt = thr[thr["pipeline"] == "optimized"].dropna(subset=["fraction_of_limit"])
-        for _, r in opt.iterrows():
-            lines.append(
-                f"- Pipeline alone, optimized on {r.get('source_variant', r['source'])}: "
-                f"{r['images_per_sec']:.0f} images/s, {r['fraction_of_limit']:.0%} of the CPU limit."
-            )
-    hardware = sorted(set(train["hardware"].dropna())) if not train.empty else []
-    lines.append(
-        f"- Hardware of our numbers: {'; '.join(hardware) or 'see the run records'}. "
-        f"{POSTER_HARDWARE}."
-    )
-    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

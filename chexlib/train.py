@@ -56,24 +56,16 @@ from pathlib import Path
 import numpy as np
 
 from chexlib.data import LABELS
+from chexlib.reference import (
+    CHEXNET_MEAN_AUROC,
+    CHEXNET_TEST_AUROC,
+    POSTER_MEAN_AUROC,
+    POSTER_VAL_AUROC,
+)
 
 FAULT_ENV = "CHEXLIB_FAULT_INJECT"
 FAULT_EXIT_CODE = 17
 CHECKPOINTS = "checkpoints"
-
-# Per-class AUROC to compare with (../shared/REFERENCE.md).
-CHEXNET_TEST_AUROC = {  # Rajpurkar et al. 2017, official test split
-    "Atelectasis": 0.809, "Cardiomegaly": 0.925, "Effusion": 0.864, "Infiltration": 0.735,
-    "Mass": 0.868, "Nodule": 0.780, "Pneumonia": 0.768, "Pneumothorax": 0.889,
-    "Consolidation": 0.790, "Edema": 0.888, "Emphysema": 0.937, "Fibrosis": 0.805,
-    "Pleural_Thickening": 0.806, "Hernia": 0.916,
-}  # fmt: skip
-POSTER_VAL_AUROC = {  # Vasudev et al., SC'19 poster, their 10 % validation split
-    "Atelectasis": 0.816, "Cardiomegaly": 0.876, "Effusion": 0.890, "Infiltration": 0.673,
-    "Mass": 0.823, "Nodule": 0.716, "Pneumonia": 0.833, "Pneumothorax": 0.695,
-    "Consolidation": 0.799, "Edema": 0.871, "Emphysema": 0.893, "Fibrosis": 0.785,
-    "Pleural_Thickening": 0.751, "Hernia": 0.833,
-}  # fmt: skip
 
 
 def _opt(help_text: str, **kwargs):
@@ -96,7 +88,9 @@ class TrainConfig:
     source: str = _opt("input: raw PNG files or TFRecords", default="raw")
     pipeline: str = _opt("tf.data pipeline: naive or optimized", default="optimized")
     model: str = _opt(
-        "densenet121, resnet50, or tiny (a small test/teaching CNN)", default="densenet121"
+        "densenet121, resnet50, tiny (a small test/teaching CNN), or standin (the same small "
+        "CNN standing in for a fast accelerator: cheaper per image than the PNG decode)",
+        default="densenet121",
     )
     weights: str = _opt(
         "none | imagenet (Keras cache) | /path/notop.h5 | chexlib run folder", default="none"
@@ -130,6 +124,11 @@ class TrainConfig:
     deterministic: bool = _opt(
         "deterministic tf.data order (slower; bit-reproducible runs)", default=False
     )
+    pin_cores: int = _opt(
+        "0: no pinning; N: each rank on its own N cores (local rank r: the r-th block of N), "
+        "TensorFlow's intra/inter-op threads = N",
+        default=0,
+    )
     data_service: str | None = _opt(
         "grpc://host:port of a tf.data service dispatcher", default=None
     )
@@ -159,6 +158,7 @@ class TrainConfig:
             f"pipeline must be naive or optimized, not {self.pipeline!r}",
         )
         check(self.model in MODELS, f"model must be one of {MODELS}, not {self.model!r}")
+        check(self.pin_cores >= 0, f"pin_cores must be >= 0, not {self.pin_cores}")
         check(self.image_size >= 32, f"image_size must be >= 32, not {self.image_size}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, not {self.batch_size}")
         check(self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}")
@@ -196,8 +196,7 @@ class TrainConfig:
 # --- command line ------------------------------------------------------------
 
 _TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": float}
-_CHOICES = {"source": ("raw", "records"), "pipeline": ("naive", "optimized"),
-            "model": ("densenet121", "resnet50", "tiny"), "verbose": (0, 1, 2)}  # fmt: skip
+_CHOICES = {"source": ("raw", "records"), "pipeline": ("naive", "optimized"), "verbose": (0, 1, 2)}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,9 +213,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 flag,
                 type=_TYPES[f.type],
                 default=f.default,
-                choices=_CHOICES.get(f.name),
+                choices=_choices(f.name),
                 help=help_text,
             )
+
+
+def _choices(name: str):
+    from chexlib.models import MODELS
+
+    return MODELS if name == "model" else _CHOICES.get(name)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -705,6 +710,8 @@ def train(config: TrainConfig) -> dict:
 
     # Horovod: initialize Horovod.
     hvd.init()
+    if config.pin_cores:  # before TensorFlow starts its thread pools
+        _pin(config.pin_cores, hvd.local_rank(), hvd.local_size())
     # Horovod: pin one GPU per process (its local rank), growing memory as needed.
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
@@ -725,6 +732,25 @@ def train(config: TrainConfig) -> dict:
         tf.keras.mixed_precision.set_global_policy("float32")  # engines may train again
         if config.xla:
             tf.config.optimizer.set_jit(False)
+
+
+def _pin(cores_per_rank: int, local_rank: int, local_size: int) -> None:
+    """Horovod: this rank on its own block of cores; TensorFlow's threads sized to it."""
+    from chexlib import affinity
+
+    cores = affinity.rank_cores(local_rank, local_size, cores_per_rank)
+    affinity.pin_process(cores)
+    affinity.set_tensorflow_threads(len(cores))
+
+
+def _cores_now() -> list[int] | None:
+    """The cores this process may run on (None where the OS does not say)."""
+    from chexlib.affinity import AffinityError, available_cores
+
+    try:
+        return available_cores()
+    except AffinityError:
+        return None
 
 
 def _xla_cpu_flag() -> None:
@@ -1005,6 +1031,7 @@ class _Run:
             rates = [r for r, i in zip(rates, index, strict=True) if i % 2 == 0]
         per_rank = hvd_tf.allgather_object(throughput_summary(rates))
         digests = hvd_tf.allgather_object(self.weights_digest())
+        cores = hvd_tf.allgather_object(_cores_now())  # per rank: pinned or not
         medians = [r["median"] for r in per_rank]
         timed = all(m is not None for m in medians)
         last = self.history[-1] if self.history else {}
@@ -1072,6 +1099,8 @@ class _Run:
             "weights_sha256_per_rank": digests,
             "weights_in_sync": len(set(digests)) == 1,
             "wall_seconds": seconds,
+            "pin_cores": c.pin_cores,
+            "cores_per_rank": cores,
             "mixed_precision": c.mixed_precision,
             "xla": c.xla,
             "environment": environment_info(),
@@ -1112,8 +1141,8 @@ def auroc_table(metrics: dict):
         {
             "label": "mean",
             f"ours ({split})": metrics.get("mean_auroc"),
-            "CheXNet (test)": 0.841,
-            "poster (val)": 0.804,
+            "CheXNet (test)": CHEXNET_MEAN_AUROC,
+            "poster (val)": POSTER_MEAN_AUROC,
             "note": "ours: mean of the defined classes",
         }
     )
@@ -1160,6 +1189,33 @@ def paired_ceiling(metrics: dict) -> dict | None:
                 for p in paired
             ]
         },
+    }
+
+
+def ceiling_metrics(metrics: dict, synthetic: dict | None = None) -> dict:
+    """The synthetic-data ceiling of a run and real / synthetic, for its run record.
+
+    ``synthetic`` is a separate ``--synthetic`` run of the same configuration;
+    without it, the ceiling comes from the run's own paired windows
+    (``--paired-synthetic``), whose ratio is the median over ranks of each
+    rank's median (real window / the synthetic window after it): adjacent
+    windows share the machine's state, so this ratio is the less noisy one.
+    """
+    paired = paired_ceiling(metrics)
+    ceiling, kind = (synthetic, "separate") if synthetic else (paired, "paired" if paired else None)
+    real = metrics.get("images_per_sec")
+    if kind == "paired":
+        fraction = metrics.get("fraction_of_synthetic_paired")
+    else:
+        fraction = real / ceiling["images_per_sec"] if real and ceiling else None
+    per_rank = ceiling["images_per_sec_per_rank"] if ceiling else None
+    return {
+        "synthetic_images_per_sec": ceiling["images_per_sec"] if ceiling else None,
+        "synthetic_images_per_sec_per_rank": per_rank,
+        # the model's own cost: wall ms per image of one rank with its cores, no input work
+        "model_ms_per_image": 1000.0 / per_rank if per_rank else None,
+        "fraction_of_synthetic": fraction,
+        "ceiling_kind": kind,
     }
 
 

@@ -12,8 +12,9 @@ from chexlib.study import REPO, run_study
 FIGURES = {
     "fig1_2_naive_vs_optimized.png", "fig3_raw_vs_records.png", "fig4_records_gain.png",
     "scaling_efficiency.png", "real_vs_synthetic.png", "pipeline_vs_limit.png",
-    "simulated_utilization.png",
+    "simulated_utilization.png", "feeding_projection.png",
 }  # fmt: skip
+CLAIMS = ["pipeline", "records", "png-records", "scaling", "ceiling", "learning", "feeding"]
 
 
 @pytest.mark.slow
@@ -31,7 +32,23 @@ def test_smoke_study_end_to_end_then_skips_everything(tmp_path):
     assert training["images_per_sec"].gt(0).all()
     assert set(training["ranks"]) == {1, 2}
     metrics = json.loads((summary / "metrics.json").read_text())
-    assert metrics["training_runs"] == 4 and "optimized over naive" in metrics["conclusions"]
+    verdicts = json.loads((summary / "verdicts.json").read_text())
+    assert [c["id"] for c in verdicts["claims"]] == CLAIMS
+    assert "CPU cores" in verdicts["hardware"] or "GPU" in verdicts["hardware"]
+    # the conclusions are written from the verdicts
+    assert metrics["training_runs"] == 4 and metrics["verdicts"] == verdicts
+    assert all(
+        f"**{c['id']}: {c['verdict']}**" in metrics["conclusions"] for c in verdicts["claims"]
+    )
+    pipeline = verdicts["claims"][0]
+    assert pipeline["measured"] > 0 and len(pipeline["runs"]) == 2
+    # the pinned 2-rank run: each rank on its own single core
+    pinned = [
+        json.loads((d / "metrics.json").read_text())
+        for d in (tmp_path / "smoke" / "train").iterdir()
+    ]
+    cores = [m["cores_per_rank"] for m in pinned if m["pin_cores"] == 1]
+    assert len(cores) == 1 and all(len(c) == 1 for c in cores[0]) and cores[0][0] != cores[0][1]
     # Every training run checked its ranks ended with the same weights.
     for run_dir in (tmp_path / "smoke" / "train").iterdir():
         assert json.loads((run_dir / "metrics.json").read_text())["weights_in_sync"] is True

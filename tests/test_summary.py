@@ -1,21 +1,31 @@
-"""chexlib.summary on hand-made run records: the tidy table, shared ceilings, gains, conclusions."""
+"""The reporting layer on hand-made run records: tidy table, shared ceilings, scaling,
+gains with noise, verdicts, the feeding projection; and that none of it starts TensorFlow."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import pandas as pd
 import pytest
 
-from chexlib import summary
+from chexlib import feeding, summary, verdicts
 
 
-def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records="", paired=False):
+def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records="", paired=False,
+           model="resnet50", pin=0, ci=None, auroc=None, split=None, epochs=1):  # fmt: skip
     metrics = {
-        "model": "resnet50", "pipeline": pipeline, "source": source, "ranks": ranks,
+        "model": model, "pipeline": pipeline, "source": source, "ranks": ranks, "pin_cores": pin,
         "images_per_sec": rate, "images_per_sec_per_rank": rate / ranks,
+        "images_per_sec_ci95": ci,
         "synthetic_images_per_sec": synthetic,
         "fraction_of_synthetic": rate / synthetic if synthetic else None,
-        "image_size": 128, "batch_size_per_rank": 8, "mean_auroc": 0.6,
-        "environment": {"hardware": "CPU only: 2x test"},
-        "paired_synthetic": [{"pairs": 3}] if paired else None,
+        "image_size": 128, "batch_size_per_rank": 8, "mean_auroc": auroc, "auroc_split": split,
+        "epochs": epochs,
+        "environment": {"hardware": "CPU only: 2x test", "cpu_count": 1 if pin else 2,
+                        "cpu": "test CPU", "gpus": []},
+        "paired_synthetic": [{"pairs": 3, "ratio_min": 0.7, "ratio_max": 0.9}] if paired else None,
     }  # fmt: skip
     return {"run_id": run_id, "metrics": metrics, "params": {"train": {"records": records}}}
 
@@ -36,18 +46,121 @@ def test_training_table_shares_the_synthetic_ceiling_and_computes_efficiency():
     assert not row.loc["a", "synthetic_shared"]
     assert row.loc["c", "scaling_efficiency"] == pytest.approx(12.0 / (2 * 9.0))
     assert row.loc["d", "scaling_efficiency"] == pytest.approx(10.0 / (2 * 8.0))
-    text = summary.conclusions({"train": table, "gain": summary.records_gain(table)})
-    assert "optimized over naive pipeline: 1.16x" in text  # median of 9/8 and 12/10
-    assert "CPU only: 2x test" in text
-    assert "Measured paired (real and synthetic windows alternating in one run): " \
-        "real = median 80% of synthetic (range 80%-80%, 1 runs)" in text  # fmt: skip
+    assert row.loc["a", "bound"] == "input-bound" and row.loc["b", "bound"] == "compute-bound"
+    assert (row.loc["a", "fraction_min"], row.loc["a", "fraction_max"]) == (0.7, 0.9)
     assert table.set_index("run_id")["synthetic_paired"].to_dict() == {
         "a": True, "b": False, "c": False, "d": False,
     }  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
-    fig = summary.plot_ceiling(table)
+    from chexlib import plots
+
+    fig = plots.plot_ceiling(table, "2 CPU cores, no GPU")
     caption = " ".join(t.get_text() for t in fig.texts)
     assert "paired: ceiling from alternating windows" in caption
     assert "1 paired" in caption and "2 shared" in caption and "1 separate run" in caption
+    assert "2 CPU cores, no GPU" in fig._suptitle.get_text()
+
+
+def test_pinned_runs_scale_against_pinned_runs_only_and_repeats_keep_the_newest():
+    runs = [
+        record("shared1", "optimized", 1, 10.0),
+        record("pin1", "optimized", 1, 6.0, pin=1),
+        record("pin2", "optimized", 2, 11.4, pin=1),
+        record("pin2-old", "optimized", 2, 3.0, pin=1),
+    ]
+    runs[2]["run_dir"], runs[3]["run_dir"] = "/nonexistent-new", "/nonexistent-old"
+    table = summary.training_table(runs).set_index("run_id")
+    assert "pin2-old" not in table.index or "pin2" not in table.index  # one of the repeats
+    kept = table.loc[table["ranks"] == 2].iloc[0]
+    assert kept["repeats"] == 2
+    # weak scaling: against the pinned 1-rank run, never the shared-cores one
+    assert kept["scaling_efficiency"] == pytest.approx(kept["images_per_sec"] / (2 * 6.0))
+    assert kept["scaling_kind"] == "weak: 1 core(s) per rank"
+    assert summary.hardware_caption(runs) == "2 CPU cores, no GPU (test CPU)"
+
+
+def test_ratio_noise_decides_within_noise():
+    a = pd.Series({"images_per_sec": 104.0, "images_per_sec_ci95": 10.4, "run_id": "a"})
+    b = pd.Series({"images_per_sec": 100.0, "images_per_sec_ci95": 5.0, "run_id": "b"})
+    inside = summary.ratio_with_noise(a, b)
+    assert inside["ratio"] == pytest.approx(1.04) and inside["within_noise"]
+    assert inside["noise"] == pytest.approx((0.1**2 + 0.05**2) ** 0.5)
+    far = summary.ratio_with_noise({**a, "images_per_sec": 200.0, "images_per_sec_ci95": 2.0}, b)
+    assert not far["within_noise"] and far["runs"] == ["a", "b"]
+
+
+def _study_tables():
+    runs = [
+        record("sn", "naive", 1, 100.0, synthetic=500.0, model="standin", paired=True, ci=5.0),
+        record("so", "optimized", 1, 210.0, synthetic=520.0, model="standin", paired=True, ci=8.0),
+        record("sp", "optimized", 1, 212.0, synthetic=520.0, model="standin", ci=8.0,
+               source="records"),
+        record("d1", "optimized", 1, 10.0, model="densenet121", pin=1, ci=0.5),
+        record("d2", "optimized", 2, 18.0, model="densenet121", pin=1, ci=0.5),
+        record("learn", "optimized", 1, 900.0, model="standin", auroc=0.83, split="test",
+               source="records", epochs=20),
+    ]  # fmt: skip
+    train = summary.training_table(runs)
+    # records runs without a manifest are "records"; name them as the study would
+    train.loc[train["run_id"] == "sp", "input"] = "png-records"
+    throughput = pd.DataFrame(
+        {"pipeline": ["optimized"] * 3, "source_variant": ["raw", "png", "compact"],
+         "cpu_ms_per_image": [10.0, 9.5, 0.2]}
+    )  # fmt: skip
+    costs = feeding.input_costs(throughput)
+    return {
+        "train": train,
+        "hardware": "2 CPU cores, no GPU",
+        "input_costs": costs,
+        "feeding": feeding.projection(costs),
+    }
+
+
+def test_verdicts_have_every_claim_and_follow_the_thresholds(tmp_path):
+    result = verdicts.verdicts(_study_tables())
+    by_id = {c["id"]: c for c in result["claims"]}
+    assert list(by_id) == ["pipeline", "records", "png-records", "scaling", "ceiling",
+                           "learning", "feeding"]  # fmt: skip
+    assert by_id["pipeline"]["measured"] == pytest.approx(2.1)
+    assert by_id["pipeline"]["verdict"] == "supported" and by_id["pipeline"]["runs"] == ["so", "sn"]
+    assert by_id["records"]["verdict"] == "not testable here"  # no compact-records run
+    assert by_id["png-records"]["verdict"] == "not supported"
+    assert "within the noise" in by_id["png-records"]["note"]
+    assert by_id["scaling"]["measured"] == pytest.approx(0.9) and by_id["scaling"]["verdict"] == (
+        "supported"
+    )
+    assert by_id["learning"]["measured"] == pytest.approx(0.83)
+    assert by_id["feeding"]["verdict"] == "not testable here"  # no published H100 rate
+    assert "A100 AMP" in by_id["feeding"]["note"]
+    for claim in result["claims"]:
+        assert set(claim) == {"id", "question", "measured", "unit", "threshold", "verdict",
+                              "runs", "note"}  # fmt: skip
+        assert claim["verdict"] in ("supported", "not supported", "not testable here")
+    path = verdicts.write_verdicts(result, tmp_path)
+    assert json.loads(path.read_text())["hardware"] == "2 CPU cores, no GPU"
+    text = verdicts.conclusions(result)
+    assert "**pipeline: supported**" in text and "2 CPU cores, no GPU" in text
+
+
+def test_feeding_projection_multiplies_measured_cost_by_published_rate():
+    costs = pd.DataFrame({"input": ["raw PNG"], "cpu_ms_per_image": [10.0], "measurements": [1]})
+    table = feeding.projection(costs).set_index(["gpu", "precision", "model"])
+    a100 = table.loc[("A100", "AMP", "resnet50")]
+    assert a100["cores_per_gpu"] == pytest.approx(24.7)  # 2470 images/s x 10 ms
+    assert not a100["poster_node_feeds"] and not a100["big_node_feeds"]  # 10 and 14 cores/GPU
+    poster = table.loc[("V100", "FP32", "densenet121")]
+    assert poster["cores_per_gpu"] == pytest.approx(1.8512) and poster["poster_node_feeds"]
+    assert table.loc[("A100", "AMP", "densenet121"), "cores_per_gpu"] < a100["cores_per_gpu"]
+    h100 = table.loc[("H100", "AMP", "densenet121")]
+    assert pd.isna(h100["cores_per_gpu"]) and "no published" in h100["source"]
+
+
+def test_reporting_layer_does_not_start_tensorflow():
+    code = (
+        "import sys; from chexlib import summary, plots, verdicts, feeding, bench_plots, publish; "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
