@@ -31,11 +31,12 @@ END = "<!-- results:end -->"
 PUBLISHED = ".published.json"
 # figure file -> caption, in reading order; a study that lacks one skips it
 FIGURES = {
-    "fig1_2_naive_vs_optimized.png": "Poster figures 1-2: training images/s, naive vs optimized pipeline",
-    "fig3_raw_vs_records.png": "Poster figure 3: raw PNG vs TFRecords (both variants)",
-    "fig4_records_gain.png": "Poster figure 4: % gain of records over raw PNG",
-    "scaling_efficiency.png": "Scaling efficiency against ranks (the poster's, theirs, marked)",
-    "real_vs_synthetic.png": "Real data against the synthetic-data ceiling",
+    "fig1_2_naive_vs_optimized.png": "Poster figures 1-2: naive vs optimized pipeline, end-to-end training",
+    "fig3_raw_vs_records.png": "Poster figure 3: raw PNG vs TFRecords (both variants), end-to-end training",
+    "fig4_records_gain.png": "Poster figure 4: % gain of records over raw PNG, with the run-to-run noise",
+    "scaling_efficiency.png": "Scaling with Horovod ranks, each rank on its own cores (the poster's, theirs, marked)",
+    "real_vs_synthetic.png": "Real data against the synthetic-data ceiling, measured in the same run",
+    "feeding_projection.png": "PROJECTION: CPU cores one GPU needs to be fed, per input",
     "pipeline_vs_limit.png": "Pipeline alone against the CPU limit",
     "simulated_utilization.png": "SIMULATED accelerator utilization, naive vs optimized",
 }
