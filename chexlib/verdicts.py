@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from chexlib.reference import BIG_NODE, CHEXNET_MEAN_AUROC, POSTER_NODE, POSTER_RECORDS_GAIN
-from chexlib.summary import ratio_with_noise
+from chexlib.summary import ratio_with_noise, throughput_rows
 
 SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE = "supported", "not supported", "not testable here"
 # the model standing in for a fast accelerator (chexlib.models)
@@ -69,6 +69,7 @@ def _one(train: pd.DataFrame, **match) -> pd.Series | None:
 def _compare(train, a: dict, b: dict, what: str) -> tuple:
     # the end-to-end comparisons: the stand-in, one rank on all cores
     base = {"model": STANDIN, "ranks": 1, "pin_cores": 0}
+    train = throughput_rows(train)  # not a learning run of the same configuration
     ra, rb = _one(train, **base, **a), _one(train, **base, **b)
     if ra is None or rb is None:
         return None, [], f"no {what} runs of the stand-in at 1 rank in this study"
@@ -93,7 +94,7 @@ def _records(tables, variant: str):
 
 
 def _scaling(tables):
-    train = tables["train"]
+    train = throughput_rows(tables["train"])
     rows = train[
         (train["model"] == "densenet121") & (train["pin_cores"] > 0) & (train["ranks"] == 2)
     ]
@@ -113,7 +114,7 @@ def _scaling(tables):
 
 
 def _ceiling(tables):
-    train = tables["train"]
+    train = throughput_rows(tables["train"])
     # only ceilings measured in the same run (paired windows): a ceiling from another
     # run differs by the run-to-run noise, which is the size of the question
     rows = train[(train["model"] == STANDIN) & (train["pipeline"] == "optimized")
