@@ -20,6 +20,13 @@ On a cluster, one dispatcher and one worker per CPU host::
 
     chexlib data-service dispatcher --port 5050
     chexlib data-service worker --dispatcher HOST:5050 --port 5051 --host "$(hostname)"
+
+Network: TensorFlow's servers listen on every interface (TF 2.15 has no bind
+address option) and have no authentication; a client that reaches a worker
+can make it read any file this user can read. Every server prints a warning
+naming its port when it starts. Run the service on a private cluster network
+only, or firewall its ports to the trainers' hosts (the trust model Dask and
+Ray document for their schedulers).
 """
 
 from __future__ import annotations
@@ -138,6 +145,21 @@ def start_local_service(n_workers: int = 2, port: int = 0, timeout: float = 120.
     return LocalService(n_workers, port, timeout).start()
 
 
+# TensorFlow 2.15's tf.data service servers bind 0.0.0.0:PORT (server_lib.cc,
+# GrpcDataServerBase::Start); DispatcherConfig and WorkerConfig have no bind
+# address (``worker_address`` is only the name workers register under). So
+# chexlib cannot keep them to loopback: it says so when they start.
+def exposure_warning(addresses: list[str]) -> str:
+    """The warning line for tf.data service servers at ``addresses`` (``grpc://host:port``)."""
+    ports = ", ".join(a.rpartition(":")[2] for a in addresses)
+    return (
+        f"warning: the tf.data service listens on port(s) {ports} of every network interface "
+        "(TensorFlow offers no bind address) and has no authentication: anyone who can reach "
+        "these ports can make a worker read files this user can read. Run it only on a "
+        "trusted private cluster network, or firewall these ports (allow the trainers' hosts only)"
+    )
+
+
 def serve(role: str, port: int = 0, dispatcher: str | None = None, host: str | None = None) -> None:
     """Run one dispatcher or worker in this process until it is terminated.
 
@@ -160,6 +182,7 @@ def serve(role: str, port: int = 0, dispatcher: str | None = None, host: str | N
         )
         address = f"grpc://{server._address}"  # the bound port (port=0 picks one)
     print(READY, address, flush=True)
+    print(exposure_warning([address]), file=sys.stderr, flush=True)
     server.join()
 
 
@@ -205,6 +228,8 @@ def run(args) -> int:
             "(or build_dataset(..., data_service=ADDRESS)); Ctrl-C stops it",
             flush=True,
         )
+        addresses = [service.address, *service.worker_addresses]
+        print(exposure_warning(addresses), file=sys.stderr, flush=True)
         while service.alive():
             time.sleep(1)
     except KeyboardInterrupt:

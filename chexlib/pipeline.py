@@ -19,9 +19,10 @@ Two pipelines differ only in how the work is scheduled:
   files (training), read the records one file after another, shuffle records
   (training), repeat, decode and preprocess elements ONE AT A TIME
   (``map`` without ``num_parallel_calls``), batch at the end, and no prefetch
-  anywhere. TensorFlow 2.x would silently parallelise the map and add a final
-  prefetch (the ``map_parallelization`` and ``inject_prefetch`` rewrites), so
-  the naive pipeline switches those rewrites off to stay what it says.
+  anywhere. TensorFlow 2.x would silently parallelise the map, add a final
+  prefetch, and fuse map and batch into one op that runs ahead of its consumer
+  (the ``map_parallelization``, ``inject_prefetch`` and ``map_and_batch_fusion``
+  rewrites), so the naive pipeline switches those rewrites off to stay what it says.
 * ``optimized``: the TensorFlow official-models recipe. Per-file stage: shard
   by worker BEFORE shuffling, shuffle file names (training only), parallel
   interleave of the record files, prefetch. Per-record stage: shuffle records
@@ -516,6 +517,10 @@ def _options(cfg: PipelineConfig) -> tf.data.Options:
     # prefetch on its own; a step that is switched off must stay off.
     opts.experimental_optimization.map_parallelization = cfg.parallel_map
     opts.experimental_optimization.inject_prefetch = cfg.final_prefetch
+    # map + batch fused into one op runs ahead of its consumer in a thread of its own,
+    # even with one call at a time: a hidden prefetch, which the naive pipeline has not
+    # (measured: the stand-in's naive training 158 images/s fused, 123 not)
+    opts.experimental_optimization.map_and_batch_fusion = cfg.parallel_map or cfg.final_prefetch
     if cfg.private_threadpool_size:
         opts.threading.private_threadpool_size = cfg.private_threadpool_size
     if cfg.max_intra_op_parallelism:
@@ -534,15 +539,35 @@ def _cache_file(cfg: PipelineConfig, source: str, split: str, inputs: list[str])
     return str(folder / name)
 
 
+def _file_stamp(path: str) -> str:
+    """``path size mtime_ns``: changes when the file is replaced or rewritten (no pixel read)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"{path} missing"  # reading it fails later, naming the file
+    return f"{path} {st.st_size} {st.st_mtime_ns}"
+
+
 def _inputs_of(source: str, split: str, metadata, records_dir) -> list[str]:
-    """What a cache depends on: the image files, or the record files and their conversion key."""
+    """What a cache depends on (it holds images, labels and names).
+
+    Raw source: a digest of the split's labels and image names, then every
+    image file's path, size and modification time (``stat`` only, no pixel
+    is read), so edited labels or a replaced image select a new cache.
+    Records: the conversion key, then each record file's path, size and time.
+    """
+    import hashlib
+
     if source == "raw":
-        return split_table(metadata, split)["path"].astype(str).tolist()
+        rows = split_table(metadata, split)
+        digest = hashlib.sha256(rows[list(LABELS)].to_numpy(dtype=np.float32).tobytes())
+        digest.update("\n".join(rows["image"].astype(str)).encode())
+        return [f"labels {digest.hexdigest()}", *map(_file_stamp, rows["path"].astype(str))]
     try:
         key = str(_records_module().read_manifest(records_dir).get("key", ""))
     except (OSError, ValueError):
         key = ""
-    return [key, *record_files(records_dir, split)]
+    return [key, *map(_file_stamp, record_files(records_dir, split))]
 
 
 def build_dataset(

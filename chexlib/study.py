@@ -20,15 +20,21 @@ and the notebook's own ``params.json``/``metrics.json``, since ``OUTPUT_DIR``
 is set to that folder). A run is complete when its ``run.json`` says so for
 the same parameters; complete runs are skipped, so an interrupted study
 resumes where it stopped. A failed run is reported and the study goes on.
+
+A stage (or the whole spec, as a default) can set ``timeout: SECONDS``: a run
+that takes longer has its kernel and the processes it started (Horovod ranks)
+killed, is recorded as failed ("timed out after ..."), and the study goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +64,7 @@ class Run:
     run_dir: Path
     html_name: str | None = None  # name of the HTML rendering; default: the notebook's
     collects: bool = False  # a one-run stage reading every earlier run (the summary)
+    timeout: float | None = None  # seconds the run may take; then its kernel is stopped
 
     @property
     def run_id(self) -> str:
@@ -127,8 +134,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _SAFE_HINT = (
     "letters, digits, '-', '_' and '.' only (no '/', no '..', not starting with '.' or '-')"
 )
-_SPEC_KEYS = ("name", "hosts", "vars", "stages")
-_STAGE_KEYS = ("name", "notebook", "parameters", "grid", "cases", "output_dir", "html")
+_SPEC_KEYS = ("name", "hosts", "vars", "stages", "timeout")
+_STAGE_KEYS = ("name", "notebook", "parameters", "grid", "cases", "output_dir", "html", "timeout")
 
 
 def _kind(value) -> str:
@@ -166,6 +173,18 @@ def _check_string(mapping: dict, key: str, field: str) -> None:
         raise SpecError(f"{field}{key} must be a non-empty string, not {_kind(value)} ({value!r})")
 
 
+def _check_timeout(mapping: dict, field: str) -> None:
+    """``timeout``: seconds (a positive number) a run may take, or null for no limit."""
+    value = mapping.get("timeout")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise SpecError(
+            f"{field}timeout must be a positive number of seconds (or null), "
+            f"not {_kind(value)} ({value!r})"
+        )
+
+
 def load_spec(path: str | Path) -> dict:
     """Read and check a study specification: every field's type, and names safe as folders.
 
@@ -187,6 +206,7 @@ def load_spec(path: str | Path) -> dict:
         spec["name"] = path.stem
     if spec.get("hosts") is not None and not isinstance(spec["hosts"], str):
         raise SpecError(f"{path}: hosts must be a string, not {_kind(spec['hosts'])}")
+    _check_timeout(spec, f"{path}: ")
     variables = _check_mapping(spec.get("vars") or {}, f"{path}: vars")
     for name, value in variables.items():
         if not isinstance(value, str | int | float | bool):
@@ -211,6 +231,7 @@ def _check_stage(stage, where: str, path: Path) -> None:
     check_name(stage["name"], f"{where}: name")
     where = f"{where} ({stage['name']})"
     _check_keys(stage, _STAGE_KEYS, where)
+    _check_timeout(stage, f"{where}: ")
     for key in ("notebook", "output_dir", "html"):
         _check_string(stage, key, f"{where}: ")
     if "html" in stage:
@@ -283,6 +304,7 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
                     run_dir,
                     stage.get("html"),
                     collects="output_dir" in stage,
+                    timeout=stage.get("timeout", spec.get("timeout")),
                 )
             )
     return runs
@@ -296,8 +318,17 @@ def _inside(folder: Path, outputs: Path, field: str) -> Path:
     return folder
 
 
+class RunTimeout(RuntimeError):
+    """A run outlived its stage's ``timeout``; its kernel and everything it started were killed."""
+
+
 def execute(run: Run, html: bool = True) -> None:
-    """Run one notebook; ``run.json`` records the outcome either way."""
+    """Run one notebook; ``run.json`` records the outcome either way.
+
+    With ``run.timeout``, the kernel (and the processes it started, such as
+    Horovod ranks) is killed when the run takes longer: papermill then fails
+    and this raises :class:`RunTimeout`, so a hung rank cannot stall a study.
+    """
     from chexlib.notebook import run_notebook
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -308,21 +339,69 @@ def execute(run: Run, html: bool = True) -> None:
     }
     write_json(run.run_dir / "run.json", {**record, "status": "running"})
     html_path = run.run_dir / (run.html_name or f"{run.executed.stem}.html")
-    start = time.time()
+    start, done, fired = time.time(), threading.Event(), []
+    watch = threading.Thread(
+        target=_watch_kernel, args=(run.run_dir, run.timeout, done, fired), daemon=True
+    )
+    if run.timeout:
+        watch.start()
     try:
         run_notebook(run.notebook, run.executed, run.parameters, cwd=run.run_dir)
     except Exception as err:  # papermill keeps the failing cell's error in the notebook
+        done.set()
+        if watch.is_alive():
+            watch.join()
+        reason = _short(err)
+        if fired:
+            reason = (
+                f"timed out after {run.timeout:g} s (timeout of stage {run.stage}): stopped its "
+                f"kernel and the processes it started ({type(err).__name__}: {reason[:200]})"
+            )
         write_json(
             run.run_dir / "run.json",
-            {**record, "status": "failed", "error": _short(err), "seconds": time.time() - start},
+            {**record, "status": "failed", "error": reason, "seconds": time.time() - start},
         )
+        if fired:
+            raise RunTimeout(reason) from err
         raise
     finally:
+        done.set()
         if html and run.executed.exists():
             render_html(run.executed, html_path)
     write_json(
         run.run_dir / "run.json", {**record, "status": "complete", "seconds": time.time() - start}
     )
+
+
+def _watch_kernel(run_dir: Path, timeout: float, done: threading.Event, fired: list) -> None:
+    """After ``timeout`` seconds, kill the run's kernel; again every 2 s until ``done``."""
+    if done.wait(timeout):
+        return
+    fired.append(time.time())
+    while True:
+        _kill_kernel(run_dir)
+        if done.wait(2.0):
+            return
+
+
+def _kill_kernel(run_dir: Path) -> int:
+    """Kill the kernel this process runs in ``run_dir`` (papermill starts it there) and
+    every process below it; return how many processes were killed."""
+    import psutil
+
+    target, killed = os.path.realpath(run_dir), 0
+    for child in psutil.Process().children():
+        try:
+            if os.path.realpath(child.cwd()) != target:
+                continue
+            tree = [*child.children(recursive=True), child]
+        except psutil.Error:
+            continue
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                killed += 1
+    return killed
 
 
 def render_html(notebook: Path, target: Path | None = None) -> Path:

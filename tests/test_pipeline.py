@@ -425,3 +425,45 @@ def test_chexlib_data_service_command_serves_a_pipeline(sources):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0  # SIGTERM stops its dispatcher and worker too
+
+
+def test_cache_name_follows_labels_and_image_files(synth_dir, tmp_path):
+    """A file cache holds labels too: changed labels or a replaced image select a new cache."""
+    import os
+    import shutil
+
+    from chexlib.data import load_metadata
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)  # images of our own to replace
+    md, cache = load_metadata(data), tmp_path / "cache"
+
+    def caches() -> set[str]:
+        return {p.name.split(".")[0] for p in cache.iterdir()}
+
+    def val(metadata):
+        return collect(
+            build(
+                {"source": "raw", "metadata": metadata}, "val", cache=str(cache), return_names=True
+            )
+        )
+
+    names, images, labels = val(md)
+    assert val(md)[2].tolist() == labels.tolist() and len(caches()) == 1  # the cache is reused
+
+    edited = md.copy()
+    row = edited.index[edited["image"] == names[0]][0]
+    edited.loc[row, LABELS[0]] = 1 - edited.loc[row, LABELS[0]]
+    _, _, new_labels = val(edited)
+    assert new_labels[0, 0] == 1 - labels[0, 0]  # the new label, not the cached one
+    np.testing.assert_array_equal(new_labels[1:], labels[1:])
+    assert len(caches()) == 2
+
+    path = edited.loc[row, "path"]
+    Image.fromarray(255 - read_grayscale(path)).save(path)  # replaced: new pixels
+    _, replaced, _ = val(edited)
+    assert not np.array_equal(replaced[0], images[0]) and len(caches()) == 3
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched only
+    val(edited)
+    assert len(caches()) == 4

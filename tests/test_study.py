@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +248,84 @@ def test_corrupt_run_json_is_named(tmp_path):
     (second.run_dir / "run.json").write_text("[]")
     with pytest.raises(RecordError, match="run.json: expected a JSON object, found array"):
         run_study(spec, outputs=tmp_path / "out", dry_run=True, log=lambda line: None)
+
+
+# --- timeouts ------------------------------------------------------------------------
+
+
+def test_timeout_comes_from_the_stage_else_the_spec_and_is_checked(tmp_path):
+    spec = tmp_path / "t.yaml"
+    spec.write_text(
+        "timeout: 600\nstages:\n  - {name: a, notebook: n}\n  - {name: b, notebook: n, timeout: 5}\n"
+        "  - {name: c, notebook: n, timeout: null}\n"
+    )
+    runs = expand(load_spec(spec), tmp_path / "out")
+    assert [r.timeout for r in runs] == [600, 5, None]
+    assert "TIMEOUT" not in runs[1].parameters  # not a notebook parameter: run ids stay
+    for text, where in [
+        ("timeout: ten\nstages:\n" + GOOD_STAGE, f"{spec}: timeout"),
+        ("stages:\n  - {name: s, notebook: n, timeout: -5}\n", f"{spec} stage 1 (s): timeout"),
+        ("stages:\n  - {name: s, notebook: n, timeout: true}\n", f"{spec} stage 1 (s): timeout"),
+    ]:
+        spec.write_text(text)
+        with pytest.raises(SpecError, match="must be a positive number of seconds") as info:
+            load_spec(spec)
+        assert str(info.value).startswith(where)
+
+
+def _sleeper_notebook(path: Path) -> Path:
+    """A notebook that sleeps SECONDS, then writes its run record."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "chexlib", "display_name": "Python (chexlib)", "language": "python"
+    }  # fmt: skip
+    nb.metadata["language_info"] = {"name": "python"}
+    params = nbformat.v4.new_code_cell('OUTPUT_DIR: str = "."  # run folder\nSECONDS: int = 0')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell(
+            "import time\n\nfrom chexlib.results import write_run_record\n\ntime.sleep(SECONDS)\n"
+            'write_run_record(OUTPUT_DIR, {"SECONDS": SECONDS}, {"slept": SECONDS})'
+        ),
+    ]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_run_over_its_stage_timeout_fails_and_the_study_goes_on(tmp_path):
+    notebook = _sleeper_notebook(tmp_path / "sleeper.ipynb")
+    spec = tmp_path / "hang.yaml"
+    spec.write_text(
+        "stages:\n"
+        f"  - {{name: stuck, notebook: {notebook}, timeout: 20, parameters: {{SECONDS: 3600}}}}\n"
+        f"  - {{name: after, notebook: {notebook}, parameters: {{SECONDS: 0}}}}\n"
+    )
+    lines: list[str] = []
+    start = time.monotonic()
+    result = run_study(spec, outputs=tmp_path / "out", html=False, log=lines.append)
+    assert time.monotonic() - start < 90
+    assert [r.stage for r in result.ran] == ["after"]
+    ((stuck, reason),) = result.failed
+    assert stuck.stage == "stuck" and reason.startswith(
+        "timed out after 20 s (timeout of stage stuck)"
+    )
+    record = json.loads((stuck.run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and record["error"] == reason
+    assert any("timed out after 20 s" in line for line in lines)  # in the closing report
+    assert not _alive_in(stuck.run_dir)  # the kernel and what it started are gone
+
+
+def _alive_in(folder: Path) -> list:
+    """Processes below this one still running in ``folder`` (a kernel works in its run folder)."""
+    import psutil
+
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()) == folder.resolve():
+                alive.append(proc)
+    return alive
