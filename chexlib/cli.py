@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-pipeline": ("chexlib.bench", "time an input pipeline alone (no model)"),
     "data-service": ("chexlib.dataservice", "run a tf.data service dispatcher and/or workers"),
     "train": ("chexlib.train", "train CheXNet (run under horovodrun for N ranks)"),
+    "explain": ("chexlib.explain", "Grad-CAM heatmaps of a trained run, scored against boxes"),
     "study": ("chexlib.study", "run a papermill study specification"),
     "publish-results": ("chexlib.publish", "copy a study's figures and results into the README"),
 }

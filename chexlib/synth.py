@@ -7,6 +7,7 @@ chexlib runs unchanged on it::
       Data_Entry_2017.csv     the NIH header, every column, one row per image
       train_val_list.txt      split by patient
       test_list.txt           about ``test_fraction`` of the images
+      BBox_List_2017.csv      NIH's box list: a box per planted finding of the test split
       images/*.png            8-bit grayscale, ``size`` x ``size``
       synth.json              the arguments (makes a rerun resumable)
 
@@ -39,6 +40,16 @@ Image model
     finding's mirrored place is either about a tenth of the image or more
     from every other finding's place, or the two differ plainly in shape
     (dot, disk, haze, band, line).
+
+Boxes
+    NIH publishes radiologists' boxes for some test images
+    (``BBox_List_2017.csv``, x, y, w, h in pixels of the 1024 px image). Here
+    every finding drawn at a place (``BOXED``: the localised patterns and the
+    heart of Cardiomegaly; not Emphysema, which darkens both lungs) gets the
+    box of its own pattern: the finding is drawn alone, as the difference it
+    makes to the image's density, and the box bounds the pixels where that
+    difference is at least ``BOX_LEVEL`` of its peak, in pixels of the stored
+    image (:func:`finding_boxes`). Edema's box spans both of its wings.
 
 Everything is a function of the arguments only: the metadata comes from one
 seeded stream, every image from streams keyed by (seed, patient) and (seed,
@@ -85,6 +96,20 @@ CSV_HEADER: tuple[str, ...] = (
     "",
 )
 CSV_COLUMNS = CSV_HEADER[:-1]
+BBOX_NAME = "BBox_List_2017.csv"
+# NIH's header, ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: the bracketed
+# box is four columns, and three empty ones follow (on every row too).
+BBOX_HEADER: tuple[str, ...] = (
+    "Image Index",
+    "Finding Label",
+    "Bbox [x",
+    "y",
+    "w",
+    "h]",
+    "",
+    "",
+    "",
+)
 
 # Fraction of NIH images with each finding (REFERENCE.md).
 PREVALENCE: dict[str, float] = {
@@ -303,6 +328,9 @@ _PLACES: dict[str, tuple[float, float]] = {
     "Consolidation": (0.75, 0.68),
     "Hernia": (0.52, 0.7),
 }
+# Findings with a box: every pattern drawn at a place, and the heart (Cardiomegaly).
+BOXED: tuple[str, ...] = tuple(k for k in LABELS if k in _PLACES or k == "Cardiomegaly")
+BOX_LEVEL = 0.2  # a box bounds where the finding changes the density by >= this x its peak
 _BASE = 256  # drawing grid; everything finer than this is pixel noise
 NOISE_SIGMA = 0.8  # gray levels; sets the PNG size (measured in the tests)
 # zlib level 1: as small as level 6 would be with a little more noise, but
@@ -594,6 +622,80 @@ def _write_one(task: tuple) -> int:
     return len(data)
 
 
+def finding_mass(
+    label: str,
+    size: int = 1024,
+    seed: int = 0,
+    index: int = 0,
+    patient: int = 1,
+    view: str = "PA",
+    gender: str = "M",
+) -> np.ndarray:
+    """What ``label`` alone adds to an image: ``|density with it - density without|``.
+
+    Same arguments as :func:`render_image`; the result is on the drawing grid
+    (``min(size, 256)`` square, before resizing to ``size``), float32.
+    """
+    n = min(size, _BASE)
+    draws, a = _image_draws(seed, index), _anatomy(seed, patient, gender == "F")
+    return np.abs(_density({label}, n, a, draws, view) - _density(set(), n, a, draws, view))
+
+
+def finding_boxes(
+    findings=(),
+    size: int = 1024,
+    seed: int = 0,
+    index: int = 0,
+    patient: int = 1,
+    view: str = "PA",
+    gender: str = "M",
+) -> dict[str, tuple[float, float, float, float]]:
+    """The box ``(x, y, w, h)``, in pixels of the stored image, of each ``BOXED`` finding.
+
+    The box bounds the grid pixels where :func:`finding_mass` is at least
+    ``BOX_LEVEL`` of its peak (the image bytes are not involved).
+    """
+    boxes = {}
+    scale = size / min(size, _BASE)
+    for label in (k for k in BOXED if k in findings):
+        mass = finding_mass(label, size, seed, index, patient, view, gender)
+        rows, cols = np.nonzero(mass >= BOX_LEVEL * mass.max()) if mass.max() > 0 else ((), ())
+        if len(rows):
+            x, y = cols.min(), rows.min()
+            w, h = cols.max() + 1 - x, rows.max() + 1 - y
+            boxes[label] = tuple(float(round(v * scale, 3)) for v in (x, y, w, h))
+    return boxes
+
+
+def _box_rows(task: tuple) -> list[tuple]:
+    """The box list's rows of one image (a task as for :func:`_write_one`)."""
+    path, findings, size, seed, index, patient, view, gender = task
+    boxes = finding_boxes(findings, size, seed, index, patient, view, gender)
+    return [(Path(path).name, label, *box, "", "", "") for label, box in boxes.items()]
+
+
+def write_boxes(
+    out: Path, meta: pd.DataFrame, is_test: np.ndarray, args: dict, workers: int
+) -> int:
+    """Write ``BBox_List_2017.csv`` (when missing) for the test images; return its row count."""
+    if (out / BBOX_NAME).is_file():
+        return max(0, len((out / BBOX_NAME).read_text().splitlines()) - 1)
+    labels = meta[list(BOXED)].to_numpy().any(axis=1)
+    tasks = [t for t in _tasks(out, meta, args, every=True) if is_test[t[4]] and labels[t[4]]]
+    if workers > 1 and len(tasks) > 1:
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            rows = [r for rs in pool.map(_box_rows, tasks, chunksize=chunk) for r in rs]
+    else:
+        rows = [r for task in tasks for r in _box_rows(task)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(BBOX_HEADER)
+    writer.writerows(rows)
+    _write_text(out / BBOX_NAME, buf.getvalue())
+    return len(rows)
+
+
 # --- the dataset on disk ------------------------------------------------------
 
 
@@ -684,14 +786,14 @@ def write_tables(out: Path, meta: pd.DataFrame, is_test: np.ndarray) -> None:
             _write_text(out / list_name, "".join(f"{n}\n" for n in sorted(names[chosen])))
 
 
-def _tasks(out: Path, meta: pd.DataFrame, args: dict) -> list[tuple]:
-    """One task per image not yet on disk (so an interrupted run resumes)."""
+def _tasks(out: Path, meta: pd.DataFrame, args: dict, every: bool = False) -> list[tuple]:
+    """One task per image not yet on disk (so an interrupted run resumes), or per image."""
     tasks = []
     labels = meta[list(LABELS)].to_numpy().astype(bool)
     cols = ("Image Index", "Patient ID", "View Position", "Patient Gender")
     for index, (name, patient, view, gender) in enumerate(meta[list(cols)].itertuples(index=False)):
         path = out / "images" / name
-        if not path.is_file():
+        if every or not path.is_file():
             findings = tuple(k for k, on in zip(LABELS, labels[index], strict=True) if on)
             tasks.append(
                 (str(path), findings, args["size"], args["seed"], index, int(patient), view, gender)
@@ -744,7 +846,8 @@ def generate(
 
     Returns:
         A summary: image, patient and split counts, No Finding fraction,
-        bytes on disk, images rendered by this call, and timings.
+        bytes on disk, images rendered by this call, rows of the box list
+        (``boxes``), and timings.
 
     Raises:
         ValueError: an argument is out of range.
@@ -762,7 +865,9 @@ def generate(
     render_start = time.perf_counter()
     _render_all(tasks, workers, progress)
     render_seconds = time.perf_counter() - render_start
-    return _summary(out, meta, is_test, args, len(tasks), workers, start, render_seconds)
+    boxes = write_boxes(out, meta, is_test, args, workers)
+    summary = _summary(out, meta, is_test, args, len(tasks), workers, start, render_seconds)
+    return {**summary, "boxes": boxes, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def _summary(out, meta, is_test, args, rendered, workers, start, render_seconds) -> dict:

@@ -262,3 +262,65 @@ def test_cli_prints_the_summary_and_fails_cleanly(tmp_path, capsys):
     assert re.search(r"^images\s+8$", printed, re.M) and "test_images" in printed
     assert main([*argv[:3], "9", *argv[4:]]) == 2
     assert "other arguments" in capsys.readouterr().err
+
+
+# --- planted boxes (BBox_List_2017.csv) -------------------------------------------
+
+
+def test_box_list_has_nih_header_and_a_row_per_boxed_test_finding(small):
+    lines = (small / synth.BBOX_NAME).read_text().splitlines()
+    assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    rows = list(csv.reader(lines[1:]))
+    assert rows and {len(r) for r in rows} == {9} and {tuple(r[6:]) for r in rows} == {("", "", "")}
+    test = set((small / "test_list.txt").read_text().splitlines())
+    entries = pd.read_csv(small / synth.CSV_NAME).set_index("Image Index")["Finding Labels"]
+    expected = {
+        (name, label) for name in test for label in entries[name].split("|") if label in synth.BOXED
+    }
+    assert {(r[0], r[1]) for r in rows} == expected and len(rows) == len(expected)
+    for _, _, *box, _, _, _ in rows:
+        x, y, w, h = map(float, box)
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 and y + h <= 64
+
+
+def test_box_list_reads_like_nih_with_pandas(small):
+    df = pd.read_csv(small / synth.BBOX_NAME)
+    assert list(df.columns[:6]) == ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"]
+    assert all(c.startswith("Unnamed") for c in df.columns[6:]) and len(df.columns) == 9
+    assert df.iloc[:, 6:].isna().all().all()
+
+
+def _mass_inside(mass: np.ndarray, box, scale: float) -> float:
+    x, y, w, h = (round(v / scale) for v in box)
+    return float(mass[y : y + h, x : x + w].sum() / mass.sum())
+
+
+@pytest.mark.parametrize("view", ["PA", "AP"])
+def test_each_box_holds_most_of_its_finding_drawn_alone(view):
+    # 512 px: boxes are in stored pixels, the drawing grid is 256 (scale 2).
+    for index in range(4):
+        args = dict(size=512, seed=11, index=index, patient=index + 3, view=view)
+        boxes = synth.finding_boxes(synth.BOXED, **args)
+        assert set(boxes) == set(synth.BOXED)
+        for label, box in boxes.items():
+            mass = synth.finding_mass(label, **args)
+            assert _mass_inside(mass, box, 2.0) > 0.8, (label, index, box)
+            assert box[2] * box[3] < 0.35 * 512 * 512, (label, box)  # a place, not the image
+    assert synth.finding_boxes(("Emphysema",), size=64) == {}  # diffuse: no box
+
+
+def test_boxes_follow_the_jitter_and_scale_with_the_stored_size():
+    one = synth.finding_boxes(("Nodule",), size=256, seed=0, index=1, patient=1)["Nodule"]
+    other = synth.finding_boxes(("Nodule",), size=256, seed=0, index=2, patient=2)["Nodule"]
+    assert one != other
+    big = synth.finding_boxes(("Nodule",), size=1024, seed=0, index=1, patient=1)["Nodule"]
+    assert big == tuple(4 * v for v in one)
+
+
+def test_a_dataset_written_before_the_box_list_gets_it_on_rerun(tmp_path, small):
+    out = tmp_path / "old"
+    synth.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
+    (out / synth.BBOX_NAME).unlink()
+    again = synth.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
+    assert again["rendered"] == 0 and again["boxes"] > 0
+    assert _files(out) == _files(small)
