@@ -292,6 +292,11 @@ def load_study(study_dir: str | Path) -> dict:
         "gain": records_gain(train) if not train.empty else pd.DataFrame(),
         "input_costs": costs,
         "feeding": projection(costs) if not costs.empty else pd.DataFrame(),
+        "localization": [
+            {**rec["metrics"], "run_id": rec["run_id"]}
+            for rec in records
+            if "hit_rate" in rec["metrics"]
+        ],
         **profiling,
     }
 

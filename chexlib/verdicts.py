@@ -46,6 +46,9 @@ CLAIMS = [
           "speed (real / synthetic, measured in the same run)?", "real / synthetic", 0.9),
     Claim("learning", "Does training learn the findings (best test mean AUROC; generated data, "
           f"CheXNet's {CHEXNET_MEAN_AUROC} is on NIH's test set, theirs)?", "AUROC", 0.80),
+    Claim("localization", "Does Grad-CAM of the best-learning run point at the planted findings "
+          "(pointing-game hit rate, averaged over findings with boxes; generated data)?",
+          "hit rate", 0.6),
     Claim("feeding", "PROJECTION: can an 8-GPU node with 112 cores feed each GPU training "
           "DenseNet121 from raw PNG (cores one GPU needs, within its 14-core share)?",
           "cores per GPU", BIG_NODE["cores"] / BIG_NODE["gpus"], at_most=True),
@@ -171,6 +174,19 @@ def _feeding(tables):
     return None, [], note
 
 
+def _localization(tables):
+    scored = [r for r in tables.get("localization") or [] if r.get("hit_rate") is not None]
+    if not scored:
+        return None, [], "no Grad-CAM run (chexlib explain) scored against boxes in this study"
+    best = max(scored, key=lambda r: r["hit_rate"])
+    note = (
+        f"{best.get('model')} ({best.get('layer')}), {best.get('boxes')} boxes of "
+        f"{best.get('findings_with_boxes')} findings; chance {best.get('hit_rate_chance', 0):.2f}, "
+        f"pooled over boxes {best.get('hit_rate_pooled', 0):.2f}, mean IoU {best.get('mean_iou', 0):.2f}"
+    )
+    return float(best["hit_rate"]), [best["run_id"]], note
+
+
 _MEASURE = {
     "pipeline": _pipeline,
     "records": lambda t: _records(t, "compact-records"),
@@ -178,6 +194,7 @@ _MEASURE = {
     "scaling": _scaling,
     "ceiling": _ceiling,
     "learning": _learning,
+    "localization": _localization,
     "feeding": _feeding,
 }
 

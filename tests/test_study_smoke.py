@@ -14,7 +14,16 @@ FIGURES = {
     "scaling_efficiency.png", "real_vs_synthetic.png", "pipeline_vs_limit.png",
     "simulated_utilization.png", "feeding_projection.png",
 }  # fmt: skip
-CLAIMS = ["pipeline", "records", "png-records", "scaling", "ceiling", "learning", "feeding"]
+CLAIMS = [
+    "pipeline",
+    "records",
+    "png-records",
+    "scaling",
+    "ceiling",
+    "learning",
+    "localization",
+    "feeding",
+]
 
 
 @pytest.mark.slow

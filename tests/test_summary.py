@@ -122,7 +122,7 @@ def test_verdicts_have_every_claim_and_follow_the_thresholds(tmp_path):
     result = verdicts.verdicts(_study_tables())
     by_id = {c["id"]: c for c in result["claims"]}
     assert list(by_id) == ["pipeline", "records", "png-records", "scaling", "ceiling",
-                           "learning", "feeding"]  # fmt: skip
+                           "learning", "localization", "feeding"]  # fmt: skip
     assert by_id["pipeline"]["measured"] == pytest.approx(2.1)
     assert by_id["pipeline"]["verdict"] == "supported" and by_id["pipeline"]["runs"] == ["so", "sn"]
     assert by_id["records"]["verdict"] == "not testable here"  # no compact-records run
@@ -164,3 +164,17 @@ def test_reporting_layer_does_not_start_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_localization_claim_reads_the_explain_run():
+    tables = _study_tables()
+    claims = {c["id"]: c for c in verdicts.verdicts(tables)["claims"]}
+    assert claims["localization"]["verdict"] == "not testable here"
+    tables["localization"] = [
+        {"run_id": "gc", "hit_rate": 0.17, "hit_rate_chance": 0.04, "hit_rate_pooled": 0.2,
+         "mean_iou": 0.1, "model": "standin", "layer": "tiny_relu3", "boxes": 160,
+         "findings_with_boxes": 12},
+    ]  # fmt: skip
+    claim = {c["id"]: c for c in verdicts.verdicts(tables)["claims"]}["localization"]
+    assert claim["verdict"] == "not supported" and claim["measured"] == pytest.approx(0.17)
+    assert claim["runs"] == ["gc"] and "chance 0.04" in claim["note"]
