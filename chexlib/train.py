@@ -20,21 +20,38 @@ and their mean are computed each epoch; the test split is evaluated at the end.
 A class with only one label value in a split has no AUROC: it is recorded as
 None with the reason.
 
-Throughput: :class:`ThroughputCallback` times windows of steps after the
-first steps of each epoch (compilation, pipeline start-up) and reports the
-median and spread per rank and in total, like Horovod's synthetic benchmark.
-``--synthetic`` replaces the input pipeline with one repeated random batch:
-the model's ceiling in the same configuration.
+Throughput: warm-up once per run (the first ``--throughput-warmup-steps``
+steps, and the first step after each evaluation), then every step is timed,
+in windows of ``--throughput-window-steps``; the median and spread per rank
+and in total are reported, like Horovod's synthetic benchmark. With no full
+window, the rate over what was timed is reported with a note (see
+:mod:`chexlib.callbacks`). ``--synthetic`` replaces the input pipeline with
+one repeated random batch: the model's ceiling in the same configuration.
 
 Fault tolerance: rank 0 writes a checkpoint after every epoch (model,
 optimizer, LR-schedule state and history; written to a temporary folder and
 renamed, so a crash never leaves half a checkpoint). ``--resume`` continues
-after the last complete epoch. Each epoch's data order and flips depend only
+after the last complete epoch, and only the same run: every setting that
+changes the result (:data:`NOT_RESULT` lists those that do not), the number of
+ranks and a fingerprint of the data must match, else it refuses and lists every
+difference. A resumed run whose checkpoint already reached ``--epochs`` trains
+nothing and leaves its ``metrics.json`` as it is. Without ``--resume`` a folder
+holding a checkpoint is refused. Each epoch's data order and flips depend only
 on (seed, epoch), so a resumed run repeats what an uninterrupted run would
 have done, up to floating-point noise (bit-exact order needs
 ``--deterministic``; the optimized pipeline is non-deterministic by default,
 as in the official recipe). A rank that dies makes ``horovodrun`` /
 ``horovod.run`` stop the others and exit non-zero.
+
+Seeing inside a run: ``--tensorboard DIR`` (rank 0) writes per-epoch scalars
+(loss, learning rate, per-class and mean validation AUROC, images/s) and, with
+``--profile-steps A,B``, a TF profiler trace of steps A..B for TensorBoard's
+profile tab (input-pipeline analysis, trace viewer; needs the
+``tensorboard-plugin-profile`` package to view). ``--horovod-timeline FILE``
+sets ``HOROVOD_TIMELINE`` before ``hvd.init()``: rank 0 writes Horovod's
+timeline, a Chrome trace (:func:`read_timeline` reads it). (Not ``--timeline``:
+horovodrun reads its own options after the command too, and ``--timeline`` is
+an ambiguous prefix of its ``--timeline-filename``.)
 
 Test hook (fault injection, for tests only): the environment variable
 ``CHEXLIB_FAULT_INJECT="rank=R,epoch=E,step=S"`` makes rank R exit with
@@ -136,11 +153,23 @@ class TrainConfig:
     evaluate: bool = _opt("per-class AUROC on val each epoch and on test at the end", default=True)
     checkpoint: bool = _opt("write a checkpoint after every epoch (rank 0)", default=True)
     throughput_warmup_steps: int = _opt(
-        "steps of each epoch not timed (compilation, start-up)", default=10
+        "steps at the start of the run not timed (compilation, start-up); the first step "
+        "after each evaluation is not timed either",
+        default=10,
     )
     throughput_window_steps: int = _opt("steps per timed throughput window", default=10)
     verbose: int = _opt(
         "Keras progress on rank 0: 0 silent, 1 bar, 2 one line per epoch", default=1
+    )
+    tensorboard: str | None = _opt(
+        "TensorBoard folder (rank 0): per-epoch loss, LR, val AUROC, images/s", default=None
+    )
+    profile_steps: str | None = _opt(
+        "'A,B': TF profiler trace of steps A..B of the run (1-based) into --tensorboard",
+        default=None,
+    )
+    horovod_timeline: str | None = _opt(
+        "Horovod timeline file (Chrome trace JSON, written by rank 0)", default=None
     )
 
     def __post_init__(self):
@@ -180,6 +209,11 @@ class TrainConfig:
             not (self.synthetic and self.paired_synthetic),
             "--paired-synthetic already alternates with synthetic data; drop --synthetic",
         )
+        check(
+            not self.profile_steps or bool(self.tensorboard),
+            "--profile-steps writes into the --tensorboard folder; pass --tensorboard DIR",
+        )
+        parse_profile_steps(self.profile_steps)  # raises ValueError with the flag named
         if not self.synthetic:
             check(self.source != "raw" or self.data, "source raw needs --data DATA_DIR")
             check(self.source != "records" or self.records, "source records needs --records DIR")
@@ -191,6 +225,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+    """``"5,8"`` -> (5, 8): the first and last step to profile (1-based, first <= last)."""
+    if not text:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"TrainConfig: profile_steps must be 'A,B', not {text!r}") from None
+    if not 1 <= first <= last:
+        raise ValueError(f"TrainConfig: profile_steps needs 1 <= A <= B, not {text!r}")
+    return first, last
 
 
 # --- command line ------------------------------------------------------------
@@ -267,6 +314,82 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- what a resumed run must share with its checkpoint -------------------------------
+
+# Settings that do not change what a run computes, so --resume does not compare them:
+# where files go, how long it runs, how it is watched. The data folders are compared
+# by content (the data fingerprint), not by path. Every other field, and any new one,
+# is compared.
+NOT_RESULT = frozenset(
+    {"out", "data", "records", "epochs", "resume", "checkpoint", "verbose", "pin_cores"}
+    | {"tensorboard", "profile_steps", "horovod_timeline", "data_service"}
+)
+# Measurement only, except with --paired-synthetic, where they decide which steps
+# train on synthetic batches.
+THROUGHPUT_SETTINGS = frozenset({"throughput_warmup_steps", "throughput_window_steps"})
+
+
+def result_settings(config: TrainConfig, ranks: int, fingerprint: str | None) -> dict:
+    """Everything that changes a run's result: the compared fields, ranks, data fingerprint."""
+    skip = NOT_RESULT | (frozenset() if config.paired_synthetic else THROUGHPUT_SETTINGS)
+    settings = {k: v for k, v in config.to_dict().items() if k not in skip}
+    settings.update(
+        ranks=ranks,
+        data_fingerprint=fingerprint,
+        uses_data_service=bool(config.data_service),  # the service decides the order
+    )
+    return settings
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """``"name: checkpoint X, this run Y"`` for every setting that differs.
+
+    A setting the checkpoint does not record (written by an older chexlib) is
+    not compared.
+    """
+
+    def show(key, value):
+        return repr(value[:12] + "...") if key == "data_fingerprint" and value else repr(value)
+
+    return [
+        f"{key}: checkpoint {show(key, saved[key])}, this run {show(key, value)}"
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    ]
+
+
+def data_fingerprint(config: TrainConfig, metadata=None) -> str | None:
+    """sha256 of the data a run reads, cheap to compute (one ``stat`` per file).
+
+    Raw source: the metadata files (CSV and split lists) and each listed
+    image's name and size. Records source: the manifest's shard list (names,
+    record counts, sha256) and each shard's size on disk. None for synthetic
+    data without a dataset. File times are left out, so a copied dataset
+    still resumes.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    if config.source == "records" and config.records:
+        from chexlib import records
+
+        for shard in records.read_manifest(config.records)["shards"]:
+            size = (Path(config.records) / shard["file"]).stat().st_size
+            keys = (shard["file"], shard["records"], shard.get("sha256"), size)
+            digest.update("\0".join(map(str, keys)).encode() + b"\n")
+        return digest.hexdigest()
+    if metadata is None:
+        return None
+    csv_path = Path(metadata.attrs["csv"])
+    for name in (csv_path.name, "train_val_list.txt", "test_list.txt"):
+        data = (csv_path.parent / name).read_bytes()
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    for image, path in zip(metadata["image"], metadata["path"], strict=True):
+        size = os.stat(path).st_size if isinstance(path, str) else "missing"
+        digest.update(f"{image}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
 # --- data for one rank -----------------------------------------------------------
 
 
@@ -324,8 +447,14 @@ class RankData:
             shard_index=i,
         )
 
-    def train(self, epoch: int):
-        """Training batches of one epoch; order and flips depend on (seed, epoch) only."""
+    def train(self, epoch: int, untimed: int | None = None):
+        """Training batches of one epoch; order and flips depend on (seed, epoch) only.
+
+        Args:
+            epoch: 0-based epoch of the run.
+            untimed: with ``--paired-synthetic``, the steps at the start of this
+                epoch that are not timed (:func:`chexlib.callbacks.untimed_steps`).
+        """
         from chexlib import pipeline
 
         if self.config.synthetic:
@@ -341,7 +470,9 @@ class RankData:
             data_service=self.config.data_service,
             **self.common,
         )
-        return paired_with_synthetic(real, self.config) if self.config.paired_synthetic else real
+        if not self.config.paired_synthetic:
+            return real
+        return paired_with_synthetic(real, self.config, untimed)
 
     def evaluation(self, split: str):
         """Every image of this rank's part of ``split`` once (the last batch may be smaller)."""
@@ -350,12 +481,15 @@ class RankData:
         return pipeline.build_dataset(self.config.source, split, training=False, **self.common)
 
 
-def paired_with_synthetic(real, config: TrainConfig):
-    """Warm-up steps from ``real``, then windows alternating ``real`` / synthetic.
+def paired_with_synthetic(real, config: TrainConfig, untimed: int | None = None):
+    """Untimed steps from ``real``, then windows alternating ``real`` / synthetic.
 
-    Window k after warm-up (``throughput_window_steps`` steps each) is real for
-    even k and synthetic for odd k, so :class:`ThroughputCallback` windows pair
-    up. Adjacent windows share the machine's state of the moment, which cancels
+    Window k after the untimed steps (``throughput_window_steps`` steps each) is
+    real for even k and synthetic for odd k. The throughput callback restarts its
+    windows at each epoch after the same number of untimed steps
+    (:func:`chexlib.callbacks.untimed_steps`; default: the run's first epoch,
+    ``max(1, throughput_warmup_steps)``), so its windows pair up with these.
+    Adjacent windows share the machine's state of the moment, which cancels
     the slow drifts that make separate runs differ by 10 % or more here.
     """
     import tensorflow as tf
@@ -364,34 +498,11 @@ def paired_with_synthetic(real, config: TrainConfig):
 
     synthetic = pipeline.synthetic_dataset(config.batch_size, config.image_size, seed=config.seed)
     w = config.throughput_window_steps
-    warmup = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(
-        config.throughput_warmup_steps
-    )
+    if untimed is None:
+        untimed = max(1, config.throughput_warmup_steps)
+    warmup = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(untimed)
     pairs = tf.data.Dataset.from_tensor_slices(tf.constant([0] * w + [1] * w, tf.int64)).repeat()
     return tf.data.Dataset.choose_from_datasets([real, synthetic], warmup.concatenate(pairs))
-
-
-def paired_summary(rates: list[float], indices: list[int]) -> dict:
-    """Real/synthetic from alternating windows: each real window k (even) with
-    the synthetic window k + 1 of the same epoch that follows it."""
-    import itertools
-
-    ratios, real, synth = [], [], []
-    for (i, a), (j, b) in itertools.pairwise(zip(indices, rates, strict=True)):
-        if i % 2 == 0 and j == i + 1:
-            ratios.append(a / b)
-            real.append(a)
-            synth.append(b)
-    if not ratios:
-        return {"pairs": 0, "ratio_median": None, "real_median": None, "synthetic_median": None}
-    return {
-        "pairs": len(ratios),
-        "ratio_median": float(np.median(ratios)),
-        "ratio_min": float(np.min(ratios)),
-        "ratio_max": float(np.max(ratios)),
-        "real_median": float(np.median(real)),
-        "synthetic_median": float(np.median(synth)),
-    }
 
 
 def _manifest_shard_records(records_dir, split: str) -> list[int] | None:
@@ -492,193 +603,7 @@ def evaluate_split(predict, dataset, split: str, expected: int | None) -> dict:
     }
 
 
-# --- callbacks -------------------------------------------------------------------
-
-
-def throughput_summary(rates: list[float]) -> dict:
-    """Median and spread of window rates (images/s); ``ci95`` = 1.96 x std as Horovod reports."""
-    if not rates:
-        return {"windows": 0, "median": None, "mean": None, "std": None, "ci95": None}
-    r = np.asarray(rates, dtype=np.float64)
-    return {
-        "windows": len(r),
-        "median": float(np.median(r)),
-        "mean": float(r.mean()),
-        "std": float(r.std()),
-        "ci95": float(1.96 * r.std()),
-        "min": float(r.min()),
-        "max": float(r.max()),
-    }
-
-
-def _make_callbacks():
-    """Callback classes (defined here so TensorFlow is imported only when training)."""
-    import tensorflow as tf
-
-    class ThroughputCallback(tf.keras.callbacks.Callback):
-        """Images/s of this rank over windows of steps, after warm-up steps in each epoch.
-
-        Evaluation and checkpointing happen between epochs, outside every window.
-        A callback that overrides batch hooks makes Keras fetch the loss each step,
-        so each step has finished when its end is timed.
-        """
-
-        def __init__(self, batch_size: int, warmup_steps: int, window_steps: int):
-            super().__init__()
-            self.batch_size, self.warmup, self.window = batch_size, warmup_steps, window_steps
-            self.rates: list[float] = []
-            self.window_index: list[int] = []  # each rate's window number within its epoch
-            self.epoch_rates: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.step, self.start, self.epoch_rates = 0, None, []
-            if self.warmup == 0:
-                self.start, self.in_window = time.perf_counter(), 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.step += 1
-            now = time.perf_counter()
-            if self.start is None:
-                if self.step >= self.warmup:
-                    self.start, self.in_window = now, 0
-                return
-            self.in_window += 1
-            if self.in_window == self.window:
-                rate = self.window * self.batch_size / (now - self.start)
-                self.rates.append(rate)
-                self.window_index.append(len(self.epoch_rates))
-                self.epoch_rates.append(rate)
-                self.start, self.in_window = now, 0
-
-    class EvaluationCallback(tf.keras.callbacks.Callback):
-        """Validation AUROC and loss each epoch (all ranks), and the per-epoch history."""
-
-        def __init__(self, run: _Run):
-            super().__init__()
-            self.run = run
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            train_seconds = time.perf_counter() - self.start
-            self.run.sync_moving_statistics()
-            record = {
-                "epoch": epoch + 1,
-                "loss": _float(logs.get("loss")),
-                "lr": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
-            }
-            if self.run.evaluate:
-                result = self.run.evaluate_split("val")
-                logs["val_loss"] = result["loss"]
-                logs["val_mean_auroc"] = _nan(result["mean_auroc"])
-                record.update(
-                    val_loss=result["loss"],
-                    val_mean_auroc=result["mean_auroc"],
-                    val_auroc=result["auroc"],
-                    val_auroc_reasons=result["auroc_reasons"],
-                )
-            rates = self.run.throughput.epoch_rates
-            if self.run.config.paired_synthetic:  # odd windows ran on synthetic batches
-                rates = rates[0::2]
-            record.update(
-                train_seconds=train_seconds,
-                eval_seconds=time.perf_counter() - self.start - train_seconds,
-                images_per_sec_rank=float(np.median(rates)) if rates else None,
-            )
-            self.run.history.append(record)
-
-    class PlateauCallback(tf.keras.callbacks.ReduceLROnPlateau):
-        """ReduceLROnPlateau that starts after warm-up and whose state survives resume.
-
-        Warm-up sets the LR every step until it ends, so a plateau decision
-        before then would be overwritten; its counters are checkpointed.
-        """
-
-        def __init__(self, warmup_epochs: int, **kwargs):
-            super().__init__(**kwargs)
-            self.warmup_epochs, self.restored = warmup_epochs, None
-
-        def on_train_begin(self, logs=None):
-            if self.restored is None:  # fit() is called per epoch: reset once, not every call
-                super().on_train_begin(logs)
-                self.restored = self.get_state()
-
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch >= self.warmup_epochs:
-                super().on_epoch_end(epoch, logs)
-
-        def get_state(self) -> dict:
-            return {
-                "wait": int(self.wait),
-                "best": float(self.best),
-                "cooldown_counter": int(self.cooldown_counter),
-            }
-
-        def set_state(self, state: dict) -> None:
-            self._reset()
-            self.wait, self.best = state["wait"], state["best"]
-            self.cooldown_counter = state["cooldown_counter"]
-            self.restored = state
-
-    class CheckpointCallback(tf.keras.callbacks.Callback):
-        """Rank 0: a complete checkpoint after every epoch (see :meth:`_Run.save_checkpoint`)."""
-
-        def __init__(self, run: _Run):
-            super().__init__()
-            self.run = run
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.run.save_checkpoint(epoch + 1)
-
-    class FaultInjectionCallback(tf.keras.callbacks.Callback):
-        """TEST HOOK: exit this rank abruptly at a given (epoch, step), like a crash."""
-
-        def __init__(self, epoch: int, step: int):
-            super().__init__()
-            self.at, self.epoch = (epoch, step), -1
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if (self.epoch, batch) == self.at:
-                print(
-                    f"chexlib train: {FAULT_ENV}: rank exits with status {FAULT_EXIT_CODE} "
-                    f"at epoch {self.epoch} step {batch} (fault injection)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                os._exit(FAULT_EXIT_CODE)
-
-    class EpochProgbar(tf.keras.callbacks.ProgbarLogger):
-        """Keras' progress bar, but "Epoch 3/10" counts the run's epochs (fit() runs one at a time)."""
-
-        def __init__(self, epochs: int):
-            super().__init__(count_mode="steps")
-            self.total_epochs = epochs
-
-        def set_params(self, params):
-            super().set_params(params)
-            self.epochs = self.total_epochs
-
-    return (
-        ThroughputCallback,
-        EvaluationCallback,
-        PlateauCallback,
-        CheckpointCallback,
-        FaultInjectionCallback,
-        EpochProgbar,
-    )
-
-
-def _float(value) -> float | None:
-    return None if value is None else float(value)
-
-
-def _nan(value) -> float:
-    return float("nan") if value is None else float(value)
+# --- fault injection (test hook) ---------------------------------------------------
 
 
 def parse_fault(text: str | None, rank: int) -> tuple[int, int] | None:
@@ -708,6 +633,9 @@ def train(config: TrainConfig) -> dict:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
+    if config.horovod_timeline:
+        _timeline_env(config.horovod_timeline, hvd.is_initialized())
+    _drop_bad_horovod_env()
     # Horovod: initialize Horovod.
     hvd.init()
     if config.pin_cores:  # before TensorFlow starts its thread pools
@@ -732,6 +660,55 @@ def train(config: TrainConfig) -> dict:
         tf.keras.mixed_precision.set_global_policy("float32")  # engines may train again
         if config.xla:
             tf.config.optimizer.set_jit(False)
+
+
+def _timeline_env(path: str, initialized: bool) -> None:
+    """Horovod: ``HOROVOD_TIMELINE`` for ``hvd.init()``, which reads it once (rank 0 writes)."""
+    if initialized:  # an ipyparallel engine that already joined its job
+        print(
+            "chexlib train: --horovod-timeline: Horovod was initialized before this run in this "
+            "process; its timeline is set at hvd.init() only, so none is written",
+            file=sys.stderr,
+        )
+        return
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["HOROVOD_TIMELINE"] = str(target)  # Horovod: the timeline's file
+
+
+def read_timeline(path: str | Path) -> list[dict]:
+    """The events of a Horovod timeline (Chrome trace JSON, array format).
+
+    Horovod writes ``[`` and then one event per line, each followed by a comma,
+    and may not write the closing ``]`` before its process ends. The Trace Event
+    Format makes that ``]`` optional and Chrome's trace viewer reads such files;
+    this does the same: a trailing comma is dropped and the bracket added.
+    """
+    import json
+
+    text = Path(path).read_text().strip()
+    if not text.endswith("]"):
+        text = text.rstrip(",") + "]"
+    return json.loads(text)
+
+
+def _drop_bad_horovod_env() -> None:
+    """Horovod: remove tuning variables that are not numbers, so Horovod's defaults apply.
+
+    ``horovod.run`` in Horovod 0.28.1 passes ``HOROVOD_CYCLE_TIME="(None,)"`` and
+    ``HOROVOD_CACHE_CAPACITY="(None,)"`` to its ranks (a stray comma in
+    ``horovod.runner._HorovodArgs``). The C++ side reads the cycle time as 0 and
+    its background thread spins without sleeping: measured here, a 1-rank
+    job pinned to one core trained at 63 images/s instead of 116.
+    """
+    for name in ("HOROVOD_CYCLE_TIME", "HOROVOD_CACHE_CAPACITY"):
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        try:
+            float(value)
+        except ValueError:
+            del os.environ[name]
 
 
 def _pin(cores_per_rank: int, local_rank: int, local_size: int) -> None:
@@ -835,21 +812,24 @@ class _Run:
     def callbacks(self, steps: int) -> list:
         import horovod.tensorflow.keras as hvd
 
-        Throughput, Evaluation, Plateau, Checkpoint, Fault, Progbar = _make_callbacks()
+        from chexlib import callbacks as cb
+
         c = self.config
-        self.throughput = Throughput(
-            c.batch_size, c.throughput_warmup_steps, c.throughput_window_steps
+        self.throughput = cb.ThroughputCallback(
+            c.batch_size, c.throughput_warmup_steps, c.throughput_window_steps, c.paired_synthetic
         )
-        self.plateau = Plateau(
+        self.plateau = cb.PlateauCallback(
             c.warmup_epochs,
             monitor="val_loss",
             factor=c.plateau_factor,
             patience=c.plateau_patience,
             verbose=int(self.rank == 0 and c.verbose > 0),
         )
+        # Horovod: the initial variables go from rank 0 to all ranks by the explicit broadcast
+        # in fit(), before the first step, instead of BroadcastGlobalVariablesCallback: that
+        # acts after the first step of the first fit() call, so on resume it would copy rank
+        # 0's BatchNorm statistics of that step to the others, where an uninterrupted run did not.
         callbacks = [
-            # Horovod: broadcast initial variable states from rank 0 to all other ranks.
-            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
             # Horovod: average metrics among ranks at the end of every epoch.
             hvd.callbacks.MetricAverageCallback(),
             # Horovod: ramp the LR from lr to lr x ranks over the first epochs (large-batch warm-up).
@@ -860,21 +840,33 @@ class _Run:
                 verbose=int(self.rank == 0 and c.verbose > 0),
             ),
             self.throughput,
-            Evaluation(self),
+            cb.EvaluationCallback(self),
         ]
         if self.evaluate:  # needs val_loss; after warm-up, on the (identical) gathered val loss
             callbacks.append(self.plateau)
+        self.tensorboard = None
+        if self.rank == 0 and c.tensorboard:  # Horovod: only rank 0 writes TensorBoard files
+            profile = parse_profile_steps(c.profile_steps)
+            self.tensorboard = cb.TensorBoardCallback(self, c.tensorboard, profile, steps)
+            callbacks.append(self.tensorboard)
         # Horovod: only rank 0 writes checkpoints, so ranks never overwrite each other.
         if self.rank == 0 and c.checkpoint:
-            callbacks.append(Checkpoint(self))
+            callbacks.append(cb.CheckpointCallback(self))
         if self.rank == 0 and c.verbose:  # Horovod: only rank 0 prints progress
-            callbacks.append(Progbar(c.epochs))
+            callbacks.append(cb.EpochProgbar(c.epochs))
         fault = parse_fault(os.environ.get(FAULT_ENV), self.rank)
         if fault:
-            callbacks.append(Fault(*fault))
+            callbacks.append(cb.FaultInjectionCallback(*fault, FAULT_ENV, FAULT_EXIT_CODE))
         return callbacks
 
     # -- checkpoints -------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """Rank 0: :func:`result_settings` of this run (the data fingerprint computed once)."""
+        if not hasattr(self, "_settings"):
+            fingerprint = data_fingerprint(self.config, self.data.metadata)
+            self._settings = result_settings(self.config, self.size, fingerprint)
+        return self._settings
 
     def save_checkpoint(self, epochs_done: int) -> None:
         """Write epoch ``epochs_done`` to a temporary folder, rename it, then move the pointer."""
@@ -891,6 +883,7 @@ class _Run:
             "epochs_done": epochs_done,
             "dir": name,
             "config": self.config.to_dict(),
+            "settings": self.settings(),  # what --resume compares
             "ranks": self.size,
             "learning_rate": float(tf.keras.backend.get_value(self.optimizer.learning_rate)),
             "plateau": self.plateau.get_state(),
@@ -906,24 +899,39 @@ class _Run:
         if previous and previous != name:
             shutil.rmtree(root / previous, ignore_errors=True)
 
-    def restore(self) -> int:
-        """Resume: rank 0 loads the last complete checkpoint; returns the first epoch to run."""
+    def restore(self) -> tuple[int, dict | None]:
+        """Resume: rank 0 loads the last complete checkpoint.
+
+        Returns:
+            ``(first epoch to run, None)``, or ``(epochs done, the stored metrics)``
+            when the checkpoint already reached ``--epochs`` and its
+            ``metrics.json`` is complete: then nothing is trained or written.
+        """
         import horovod.tensorflow as hvd_tf
 
-        state, error = None, None
+        state, error, finished = None, None, None
         if self.rank == 0 and self.config.resume:
             try:
                 state = self._load_checkpoint()
+                finished = self._finished_metrics(state)
             except Exception as err:  # every rank must hear of it, not wait in the broadcast
                 error = f"--resume: cannot continue from {self.out / CHECKPOINTS}: {err}"
         # Horovod: every rank continues from rank 0's state (or stops with its error).
-        state, error = hvd_tf.broadcast_object((state, error), root_rank=0)
+        state, error, finished = hvd_tf.broadcast_object((state, error, finished), root_rank=0)
         if error:
             raise ValueError(error)
         if state is None:
             if self.config.resume and self.rank == 0:
                 print(f"chexlib train: --resume: no checkpoint in {self.out}; starting at epoch 1")
-            return 0
+            return 0, None
+        if finished is not None:
+            if self.rank == 0:
+                print(
+                    f"chexlib train: --resume: {self.out} already trained {state['epochs_done']} "
+                    f"epoch(s) (--epochs {self.config.epochs}); nothing to train, metrics.json "
+                    "left as it is"
+                )
+            return int(state["epochs_done"]), finished
         if self.rank != 0:
             self.optimizer.build(self.model.trainable_variables)
         self.optimizer.learning_rate.assign(state["learning_rate"])
@@ -933,10 +941,14 @@ class _Run:
             print(
                 f"chexlib train: resumed after epoch {state['epochs_done']} from {self.out / CHECKPOINTS}"
             )
-        return int(state["epochs_done"])
+        return int(state["epochs_done"]), None
 
     def _load_checkpoint(self) -> dict | None:
-        """Rank 0: model and optimizer from the newest complete checkpoint; its state, or None."""
+        """Rank 0: model and optimizer from the newest complete checkpoint; its state, or None.
+
+        Raises:
+            ValueError: the checkpoint is of another run, listing every difference.
+        """
         import tensorflow as tf
 
         from chexlib.results import read_json
@@ -946,15 +958,29 @@ class _Run:
             return None
         latest = read_json(root / "latest.json")
         state = read_json(root / latest["dir"] / "state.json")
-        for key in ("model", "image_size", "source", "batch_size"):
-            if state["config"][key] != getattr(self.config, key):
-                raise ValueError(
-                    f"the checkpoint has {key}={state['config'][key]!r}, this run {getattr(self.config, key)!r}"
-                )
+        saved = state.get("settings") or {**state["config"], "ranks": state.get("ranks")}
+        differences = resume_differences(saved, self.settings())
+        if differences:
+            raise ValueError(
+                "it was written by a run with other settings; this run differs in "
+                + "; ".join(differences)
+                + ". Use the checkpoint's settings, or another --out for a new run"
+            )
         self.optimizer.build(self.model.trainable_variables)  # slots must exist to be restored
         checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
         checkpoint.read(str(root / latest["dir"] / "ckpt")).assert_existing_objects_matched()
         return state
+
+    def _finished_metrics(self, state: dict | None) -> dict | None:
+        """Rank 0: the run's metrics.json when ``state`` reached --epochs and wrote it, else None."""
+        from chexlib.results import read_json
+
+        path = self.out / "metrics.json"
+        if state is None or state["epochs_done"] < self.config.epochs or not path.is_file():
+            return None
+        metrics = read_json(path, expect=dict)
+        # metrics of this checkpoint, not of a shorter run that was then extended
+        return metrics if len(metrics.get("history") or []) == state["epochs_done"] else None
 
     # -- training ------------------------------------------------------------------------
 
@@ -988,12 +1014,16 @@ class _Run:
     def fit(self) -> dict:
         import horovod.tensorflow as hvd_tf
 
+        from chexlib.callbacks import untimed_steps
+
         c = self.config
         started = time.perf_counter()
         self.build()
         steps = self.steps_per_epoch()
         callbacks = self.callbacks(steps)
-        start_epoch = self.restore()
+        start_epoch, finished = self.restore()
+        if finished is not None:  # a finished run: trained nothing, wrote nothing
+            return finished
         # Horovod: start every rank from rank 0's weights (and, on resume, optimizer state);
         # the broadcast callback alone would only sync after the first step.
         hvd_tf.broadcast_variables(self.model.variables, root_rank=0)
@@ -1001,59 +1031,98 @@ class _Run:
             hvd_tf.broadcast_variables(self.optimizer.variables(), root_rank=0)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        for epoch in range(start_epoch, c.epochs):
-            # One fit() per epoch: each epoch's dataset is seeded by (seed, epoch), so a
-            # resumed run sees the same batches as an uninterrupted one.
-            self.model.fit(
-                self.data.train(epoch),
-                steps_per_epoch=steps,
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                callbacks=callbacks,
-                verbose=c.verbose if self.rank == 0 else 0,
-            )
+        try:
+            for epoch in range(start_epoch, c.epochs):
+                # One fit() per epoch: each epoch's dataset is seeded by (seed, epoch), so a
+                # resumed run sees the same batches as an uninterrupted one.
+                untimed = untimed_steps(c.throughput_warmup_steps, steps, epoch - start_epoch)
+                self.model.fit(
+                    self.data.train(epoch, untimed),
+                    steps_per_epoch=steps,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    callbacks=callbacks,
+                    verbose=c.verbose if self.rank == 0 else 0,
+                )
+        finally:
+            if self.tensorboard is not None:  # a trace cut short is still written
+                self.tensorboard.stop_profiler()
         test = self.evaluate_split("test") if self.evaluate else None
         metrics = self.metrics(steps, start_epoch, test, time.perf_counter() - started)
         if self.rank == 0:  # Horovod: only rank 0 writes results
             write_outputs(self.out, self.config, metrics)
         return metrics
 
+    def throughput_metrics(self) -> dict:
+        """Images/s of the run (sum over ranks) and each rank's windows and notes."""
+        import horovod.tensorflow as hvd_tf
+
+        from chexlib.callbacks import paired_summary, real_rates, throughput_summary
+
+        c = self.config
+        rates, index, note = self.throughput.result()
+        paired = None
+        if c.paired_synthetic:
+            # Horovod: every rank's (real, synthetic) window pairs.
+            paired = hvd_tf.allgather_object(paired_summary(rates, index))
+        real = real_rates(rates, index, note, c.paired_synthetic)  # images/s from real input only
+        # Horovod: collect every rank's throughput windows.
+        per_rank = hvd_tf.allgather_object(throughput_summary(real, note))
+        medians = [r["median"] for r in per_rank]
+        cis = [r["ci95"] for r in per_rank]
+        timed = all(m is not None for m in medians)
+        notes = sorted({f"rank {i}: {r['note']}" for i, r in enumerate(per_rank) if r["note"]})
+        return {
+            "paired_synthetic": paired,  # per rank, with --paired-synthetic
+            "fraction_of_synthetic_paired": (
+                float(np.median([p["ratio_median"] for p in paired]))
+                if paired and all(p["ratio_median"] for p in paired)
+                else None
+            ),
+            "images_per_sec": float(sum(medians)) if timed else None,
+            "images_per_sec_per_rank": float(np.mean(medians)) if timed else None,
+            "images_per_sec_ci95": float(sum(cis)) if all(x is not None for x in cis) else None,
+            "throughput": {
+                "per_rank": per_rank,
+                "warmup_steps": c.throughput_warmup_steps,
+                "window_steps": c.throughput_window_steps,
+                "timed_steps": len(self.throughput.timed),
+                "note": "; ".join(notes) or None,
+            },
+        }
+
+    def final_auroc(self, test: dict | None) -> dict:
+        """Per-class and mean AUROC of the run: test if evaluated, else the last val."""
+        last = self.history[-1] if self.history else {}
+        if test is not None:
+            final, split = test, "test"
+        elif last.get("val_auroc"):
+            final, split = {k: last.get(f"val_{k}") for k in ("auroc", "auroc_reasons")}, "val"
+            final["mean_auroc"] = last.get("val_mean_auroc")
+        else:
+            reason = (
+                "synthetic data: no evaluation"
+                if self.config.synthetic or self.config.paired_synthetic
+                else "evaluation switched off"
+            )
+            final, split = {"auroc": dict.fromkeys(LABELS), "mean_auroc": None}, None
+            final["auroc_reasons"] = dict.fromkeys(LABELS, reason)
+        return {
+            "auroc": final["auroc"],
+            "auroc_reasons": final["auroc_reasons"],
+            "auroc_split": split,
+            "mean_auroc": final["mean_auroc"],
+        }
+
     def metrics(self, steps: int, start_epoch: int, test: dict | None, seconds: float) -> dict:
         import horovod.tensorflow as hvd_tf
 
         from chexlib.results import environment_info
 
-        # Horovod: collect every rank's throughput windows.
-        rates, index = self.throughput.rates, self.throughput.window_index
-        paired = None
-        if self.config.paired_synthetic:  # images/s from the real windows only
-            paired = hvd_tf.allgather_object(paired_summary(rates, index))
-            rates = [r for r, i in zip(rates, index, strict=True) if i % 2 == 0]
-        per_rank = hvd_tf.allgather_object(throughput_summary(rates))
-        digests = hvd_tf.allgather_object(self.weights_digest())
-        cores = hvd_tf.allgather_object(_cores_now())  # per rank: pinned or not
-        medians = [r["median"] for r in per_rank]
-        timed = all(m is not None for m in medians)
+        throughput = self.throughput_metrics()
+        digests = hvd_tf.allgather_object(self.weights_digest())  # Horovod: every rank's weights
+        cores = hvd_tf.allgather_object(_cores_now())  # Horovod: per rank: pinned or not
         last = self.history[-1] if self.history else {}
-        final = (
-            test
-            if test is not None
-            else (
-                {
-                    "auroc": last.get("val_auroc"),
-                    "auroc_reasons": last.get("val_auroc_reasons"),
-                    "mean_auroc": last.get("val_mean_auroc"),
-                    "images": None,
-                }
-                if last.get("val_auroc")
-                else None
-            )
-        )
-        none_reason = (
-            "synthetic data: no evaluation"
-            if self.config.synthetic or self.config.paired_synthetic
-            else "evaluation switched off"
-        )
         c = self.config
         return {
             "rank": self.rank,
@@ -1062,12 +1131,8 @@ class _Run:
             "source": c.source,
             "pipeline": c.pipeline,
             "synthetic": c.synthetic,
-            "paired_synthetic": paired,  # per rank, with --paired-synthetic
-            "fraction_of_synthetic_paired": (
-                float(np.median([p["ratio_median"] for p in paired]))
-                if paired and all(p["ratio_median"] for p in paired)
-                else None
-            ),
+            "paired_synthetic": throughput.pop("paired_synthetic"),
+            "fraction_of_synthetic_paired": throughput.pop("fraction_of_synthetic_paired"),
             "image_size": c.image_size,
             "batch_size_per_rank": c.batch_size,
             "global_batch_size": c.batch_size * self.size,
@@ -1075,21 +1140,8 @@ class _Run:
             "steps_per_epoch": steps,
             "epochs": c.epochs,
             "resumed_from_epoch": start_epoch or None,
-            "images_per_sec": float(sum(medians)) if timed else None,
-            "images_per_sec_per_rank": float(np.mean(medians)) if timed else None,
-            "images_per_sec_ci95": float(sum(r["ci95"] for r in per_rank)) if timed else None,
-            "throughput": {
-                "per_rank": per_rank,
-                "warmup_steps": c.throughput_warmup_steps,
-                "window_steps": c.throughput_window_steps,
-                "note": None if timed else "too few steps after warm-up for one timed window",
-            },
-            "auroc": final["auroc"] if final else dict.fromkeys(LABELS),
-            "auroc_reasons": final["auroc_reasons"]
-            if final
-            else dict.fromkeys(LABELS, none_reason),
-            "auroc_split": "test" if test is not None else ("val" if final else None),
-            "mean_auroc": final["mean_auroc"] if final else None,
+            **throughput,
+            **self.final_auroc(test),
             "test_images": test["images"] if test else None,
             "test_loss": test["loss"] if test else None,
             "val_images": self.expected.get("val"),

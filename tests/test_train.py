@@ -144,18 +144,79 @@ def test_binary_crossentropy_matches_keras():
     assert T.binary_crossentropy(labels, scores) == pytest.approx(keras, rel=1e-5)
 
 
-def test_throughput_windows_skip_warmup_and_time_whole_windows():
-    Throughput = T._make_callbacks()[0]
-    cb = Throughput(batch_size=4, warmup_steps=2, window_steps=3)
-    cb.on_epoch_begin(0)
-    for step in range(11):
-        time.sleep(0.02 if step >= 2 else 0.2)  # slow warm-up steps are not timed
-        cb.on_train_batch_end(step)
-    assert len(cb.rates) == 3  # (11 - 2) steps // 3 per window
-    assert all(50 < r < 4 / 0.02 * 1.01 for r in cb.rates)  # ~200 images/s, far above warm-up's 20
-    summary = T.throughput_summary(cb.rates)
-    assert summary["windows"] == 3 and summary["ci95"] == pytest.approx(1.96 * np.std(cb.rates))
-    assert T.throughput_summary([])["median"] is None
+def test_throughput_warms_up_once_per_run_and_skips_each_epochs_first_step():
+    from chexlib.callbacks import ThroughputCallback, throughput_summary
+
+    cb = ThroughputCallback(batch_size=4, warmup_steps=2, window_steps=3)
+    for epoch in range(2):
+        cb.on_epoch_begin(epoch)
+        for step in range(7):
+            slow = (epoch, step) in {(0, 0), (0, 1), (1, 0)}  # warm-up, and after evaluation
+            time.sleep(0.2 if slow else 0.02)
+            cb.on_train_batch_end(step)
+    # epoch 0: steps 0-1 warm-up, 2-6 timed; epoch 1: step 0 untimed (no end before it), 1-6 timed
+    assert [(e, b) for e, b, _ in cb.timed] == [(0, b) for b in range(2, 7)] + [
+        (1, b) for b in range(1, 7)
+    ]
+    rates, index, note = cb.result()
+    assert len(rates) == 3 and index == [0, 1, 2] and note is None  # 11 timed steps // 3
+    assert all(50 < r < 4 / 0.02 * 1.01 for r in rates)  # ~200 images/s, far above warm-up's 20
+    summary = throughput_summary(rates)
+    assert summary["windows"] == 3 and summary["ci95"] == pytest.approx(1.96 * np.std(rates))
+    assert throughput_summary([])["median"] is None
+    assert cb.epoch_rate(1) is not None and cb.epoch_rate(5) is None
+
+
+def test_short_runs_report_what_was_timed_never_nothing():
+    from chexlib.callbacks import measured_rates, throughput_summary
+
+    # 8 epochs of 18 steps, warm-up 10, windows of 10: the old per-epoch warm-up timed nothing
+    timed = [(e, b, 0.1) for e in range(8) for b in range(1, 18) if e * 18 + b >= 10]
+    rates, _, note = measured_rates(timed, [], batch_size=8, window=10)
+    assert len(rates) == len(timed) // 10 == 12 and note is None
+    assert rates[0] == pytest.approx(80.0)
+    # fewer timed steps than one window: their rate, with a note
+    rates, _, note = measured_rates(timed[:4], [], batch_size=8, window=10)
+    assert rates == [pytest.approx(80.0)] and "rate over 4 timed steps" in note
+    summary = throughput_summary(rates, note)
+    assert summary["median"] == pytest.approx(80.0) and summary["windows"] == 0
+    assert summary["ci95"] is None and summary["note"] == note
+    # every step was warm-up: the warm-up steps' rate, with a note
+    rates, _, note = measured_rates([], [(0, 1, 0.5), (0, 2, 0.5)], batch_size=8, window=10)
+    assert rates == [pytest.approx(16.0)] and "warm-up" in note
+    assert measured_rates([], [], 8, 10)[0] == []
+
+
+def test_paired_windows_stay_aligned_with_the_dataset_across_epochs():
+    """The dataset picks synthetic batches by step count in each epoch; the callback's
+    windows must cover exactly the same steps, in every epoch, also after warm-up ends."""
+    import tensorflow as tf
+
+    from chexlib.callbacks import ThroughputCallback, full_windows, untimed_steps
+
+    steps, warmup, window = 7, 9, 2  # warm-up runs into the second epoch
+    config = T.TrainConfig(
+        data="unused", batch_size=2, image_size=32, throughput_warmup_steps=warmup,
+        throughput_window_steps=window, paired_synthetic=True,
+    )  # fmt: skip
+    real = tf.data.Dataset.from_tensors((tf.zeros([2, 32, 32, 3]), tf.zeros([2, 14]))).repeat()
+    cb = ThroughputCallback(2, warmup, window, paired=True)
+    kinds = {}
+    for epoch in range(4):
+        untimed = untimed_steps(warmup, steps, epoch)
+        batches = T.paired_with_synthetic(real, config, untimed).take(steps)
+        kinds[epoch] = ["real" if not np.any(x.numpy()) else "synthetic" for x, _ in batches]
+        cb.on_epoch_begin(epoch)
+        for step in range(steps):
+            cb.on_train_batch_end(step)
+    windows = full_windows(cb.timed, window, per_epoch=True)
+    assert windows, "some windows were timed"
+    for epoch in range(4):
+        batches = [b for e, b, _ in cb.timed if e == epoch]
+        for k in range(len([w for w in windows if w[0] == epoch])):
+            chunk = {kinds[epoch][b] for b in batches[k * window : (k + 1) * window]}
+            assert chunk == {"real" if k % 2 == 0 else "synthetic"}, (epoch, k, chunk)
+    assert kinds[0][:warmup] == ["real"] * steps  # the whole first epoch is warm-up
 
 
 # --- training runs ----------------------------------------------------------------
@@ -226,20 +287,106 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_p
     assert latest["epochs_done"] == 2  # epoch 3 died before its checkpoint
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
-    with pytest.raises(ValueError, match="the checkpoint has image_size=32, this run 48"):
-        T.train(dataclasses.replace(killed, resume=True, image_size=48))
+    other = dataclasses.replace(killed, resume=True, seed=1, pipeline="naive", image_size=48)
+    with pytest.raises(ValueError, match="other settings") as refused:
+        T.train(other)
+    for difference in ("seed: checkpoint 0, this run 1", "pipeline: checkpoint 'optimized', this "
+                       "run 'naive'", "image_size: checkpoint 32, this run 48"):  # fmt: skip
+        assert difference in str(refused.value)
     resumed = T.train(dataclasses.replace(killed, resume=True))
     assert resumed["resumed_from_epoch"] == 2
     for a, b in zip(whole["history"], resumed["history"], strict=True):
         for key in ("loss", "val_loss", "val_mean_auroc", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
     assert resumed["mean_auroc"] == pytest.approx(whole["mean_auroc"], abs=1e-6)
+    assert resumed["images_per_sec"] > 0  # one epoch of 8 steps after the resume is timed
+
+    # resuming a finished run trains nothing and leaves its record byte for byte
+    record = (tmp_path / "whole" / "metrics.json").read_bytes()
+    again = run_cli(dataclasses.replace(killed, out=str(tmp_path / "whole"), resume=True))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to train" in again.stdout
+    assert (tmp_path / "whole" / "metrics.json").read_bytes() == record
 
     # the checkpoint is also a --weights source: the final model, variable for variable
     from chexlib.models import build_model
 
     loaded = build_model("tiny", image_size=32, weights=str(tmp_path / "killed"))
     assert _digest(loaded) == resumed["weights_sha256_per_rank"][0]
+
+
+def test_resume_settings_cover_what_changes_the_result(synth_dir):
+    config = tiny_config(synth_dir, "/runs/a")
+    from chexlib.data import load_metadata
+
+    fingerprint = T.data_fingerprint(config, load_metadata(synth_dir))
+    saved = T.result_settings(config, ranks=2, fingerprint=fingerprint)
+    assert {"seed", "pipeline", "source", "model", "learning_rate", "batch_size"} <= set(saved)
+    assert not {"out", "epochs", "verbose", "horovod_timeline", "data"} & set(saved)  # no effect
+    moved = dataclasses.replace(config, out="/elsewhere", epochs=9, data="/copy/of/the/data")
+    assert T.resume_differences(saved, T.result_settings(moved, 2, fingerprint)) == []
+    changed = dataclasses.replace(config, seed=4, learning_rate=0.5)
+    differences = T.resume_differences(saved, T.result_settings(changed, 1, "f" * 64))
+    assert [d.split(":")[0] for d in differences] == [
+        "learning_rate", "seed", "ranks", "data_fingerprint",
+    ]  # fmt: skip
+    assert T.data_fingerprint(dataclasses.replace(config, data=None, synthetic=True,
+                                                  steps_per_epoch=3)) is None  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_then_resumed_match_an_uninterrupted_run(synth_dir, tmp_path):
+    """horovodrun, 2 ranks: rank 1 dies in epoch 2; the resumed job ends like a whole one."""
+    common = dict(epochs=2, warmup_epochs=1, deterministic=True, batch_size=4,
+                  steps_per_epoch=6)  # fmt: skip
+    whole = tiny_config(synth_dir, tmp_path / "whole", **common)
+    proc = run_horovodrun(whole)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = tiny_config(synth_dir, tmp_path / "killed", **common)
+    proc = run_horovodrun(killed, env={T.FAULT_ENV: "rank=1,epoch=1,step=2"})
+    assert proc.returncode != 0
+    latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
+    assert latest["epochs_done"] == 1 and not (tmp_path / "killed" / "metrics.json").exists()
+    proc = run_horovodrun(dataclasses.replace(killed, resume=True))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("whole", "killed"))
+    assert b["resumed_from_epoch"] == 1 and b["ranks"] == a["ranks"] == 2
+    assert a["weights_in_sync"] and b["weights_in_sync"]
+    for x, y in zip(a["history"], b["history"], strict=True):
+        for key in ("loss", "val_loss", "val_mean_auroc", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["epoch"], key)
+    assert b["mean_auroc"] == pytest.approx(a["mean_auroc"], abs=1e-6)
+
+
+def run_horovodrun(config: T.TrainConfig, np: int = 2, env: dict | None = None):
+    from chexlib.launch import horovodrun_command
+
+    return subprocess.run(
+        horovodrun_command(config, np=np),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_eight_short_epochs_report_images_per_sec(synth_dir, tmp_path):
+    """8 epochs of 18 steps with the default warm-up and window (10, 10): timed, never null."""
+    config = tiny_config(
+        synth_dir, tmp_path / "short", epochs=8, batch_size=2, steps_per_epoch=18,
+        throughput_warmup_steps=10, throughput_window_steps=10, evaluate=False, checkpoint=False,
+    )  # fmt: skip
+    metrics = T.train(config)
+    per_rank = metrics["throughput"]["per_rank"][0]
+    assert metrics["images_per_sec"] > 0 and metrics["throughput"]["note"] is None
+    assert metrics["throughput"]["timed_steps"] == 8 + 7 * 17  # warm-up once, then each epoch's
+    assert per_rank["windows"] == 12  # first step after the epoch boundary not timed
+    assert all(h["images_per_sec"] > 0 for h in metrics["history"][1:])
+
+    tiny = T.train(dataclasses.replace(config, out=str(tmp_path / "tiny"), epochs=1,
+                                       steps_per_epoch=5))  # fmt: skip
+    assert tiny["images_per_sec"] > 0 and "warm-up" in tiny["throughput"]["note"]
 
 
 def test_existing_checkpoint_needs_resume(synth_dir, tmp_path):
@@ -288,7 +435,9 @@ def test_paired_windows_alternate_real_and_synthetic_batches():
         for images, _ in T.paired_with_synthetic(real, config).take(11)
     ]
     assert kinds == ["real"] * 3 + ["real", "real", "synthetic", "synthetic"] * 2
-    pairs = T.paired_summary([10.0, 20.0, 9.0, 10.0, 5.0], [0, 1, 2, 3, 0])
+    from chexlib.callbacks import paired_summary
+
+    pairs = paired_summary([10.0, 20.0, 9.0, 10.0, 5.0], [0, 1, 2, 3, 0])
     assert pairs["pairs"] == 2 and pairs["ratio_median"] == pytest.approx(0.7)
 
 
@@ -298,10 +447,11 @@ def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
         synth_dir,
         tmp_path / "paired",
         epochs=1,
-        steps_per_epoch=8,  # the whole training shard of the test dataset
+        batch_size=4,
+        steps_per_epoch=9,  # the whole training shard of the test dataset at batch 8
         throughput_warmup_steps=0,
         paired_synthetic=True,
-    )  # 4 windows of 2 steps: real, synthetic, real, synthetic
+    )  # the first step (never timed), then 4 windows of 2: real, synthetic, real, synthetic
     result = subprocess.run(
         [CHEXLIB, "train", *T.config_to_argv(config)], capture_output=True, text=True, timeout=300
     )
