@@ -228,9 +228,9 @@ def write_verdicts(result: dict, out_dir: str | Path) -> Path:
 def _value(claim: dict) -> str:
     m, t = claim["measured"], claim["threshold"]
     if m is None:
-        return "not measured"
+        return "Not measured"
     sign = "<=" if claim["id"] == "feeding" else ">="
-    return f"{m:.2f} {claim['unit']} (threshold {sign} {t:.2f})"
+    return f"Measured {m:.2f} {claim['unit']} (threshold {sign} {t:.2f})"
 
 
 def conclusions(result: dict) -> str:
@@ -238,6 +238,6 @@ def conclusions(result: dict) -> str:
     lines = [f"Verdicts on {result['hardware']} (`verdicts.json`):", ""]
     for c in result["claims"]:
         lines.append(
-            f"- **{c['id']}: {c['verdict']}**. {c['question']} Measured {_value(c)}. {c['note']}."
+            f"- **{c['id']}: {c['verdict']}**. {c['question']} {_value(c)}. {c['note']}."
         )
     return "\n".join(lines)

@@ -70,7 +70,8 @@ def test_block_is_rewritten_and_figures_copied(tmp_path, summary_dir):
     text = readme.read_text()
     assert "old results" not in text and "intro stays" in text and "## after stays" in text
     assert "optimized over naive pipeline: 2.00x" in text
-    assert "| resnet50 | raw PNG | optimized | 20.0 | 30.5 |" in text
+    assert "| resnet50 | raw PNG | optimized | 1 rank, all cores | 20.0 |  |  |" in text
+    assert "| resnet50 | raw PNG | optimized | 2 ranks, all cores | 30.5 |  |  |" in text
     assert "![Poster figures 1-2" in text and "(docs/results/fig1_2_naive_vs_optimized.png)" in text
     assert "CPU only: 2x test" in text
     assert (docs / "fig1_2_naive_vs_optimized.png").read_bytes() == b"\x89PNG fake figure"
