@@ -22,7 +22,7 @@ from chexlib.style import (
     THEIRS_COLOR,
 )
 from chexlib.summary import CONFIG as CONFIG_KEYS
-from chexlib.summary import INPUT_ORDER, poster_scaling, throughput_rows
+from chexlib.summary import INPUT_ORDER, poster_scaling, ratio_with_noise, throughput_rows
 
 MODEL_NAMES = {
     "standin": "stand-in for a fast accelerator",
@@ -127,8 +127,6 @@ def plot_pipelines(train: pd.DataFrame, hardware: str = "", input_ms: float | No
 
 def _annotate_ratio(ax, part: pd.DataFrame) -> None:
     """Optimized / naive above each pair, or "within noise" when it is."""
-    from chexlib.summary import ratio_with_noise
-
     for i, (_, group) in enumerate(part.groupby("config", sort=False)):
         rows = group.set_index("pipeline")
         if {"naive", "optimized"} <= set(rows.index):

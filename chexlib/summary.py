@@ -20,9 +20,7 @@ from chexlib.data import LABELS
 from chexlib.reference import (
     CHEXNET_MEAN_AUROC,
     CHEXNET_TEST_AUROC,
-    POSTER_HARDWARE,  # noqa: F401 - re-exported for the notebooks
     POSTER_MEAN_AUROC,
-    POSTER_RECORDS_GAIN,  # noqa: F401
     POSTER_THROUGHPUT,
     POSTER_VAL_AUROC,
 )

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -1277,20 +1276,9 @@ def write_outputs(out: Path, config: TrainConfig, metrics: dict) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     params = {**config.to_dict(), "ranks": metrics["ranks"]}
-    write_run_record(out, params, json_safe(metrics))
+    write_run_record(out, params, metrics)  # write_json makes NaN and numpy values JSON-safe
     history_frame(metrics).to_csv(out / "history.csv", index=False)
     auroc_table(metrics).to_csv(out / "auroc.csv")
-
-
-def json_safe(obj):
-    """NaN/inf -> None (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def summary_text(metrics: dict) -> str:

@@ -237,7 +237,5 @@ def conclusions(result: dict) -> str:
     """Markdown, one line per claim, written from the verdicts and nothing else."""
     lines = [f"Verdicts on {result['hardware']} (`verdicts.json`):", ""]
     for c in result["claims"]:
-        lines.append(
-            f"- **{c['id']}: {c['verdict']}**. {c['question']} {_value(c)}. {c['note']}."
-        )
+        lines.append(f"- **{c['id']}: {c['verdict']}**. {c['question']} {_value(c)}. {c['note']}.")
     return "\n".join(lines)
