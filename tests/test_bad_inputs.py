@@ -236,7 +236,7 @@ CSV_REASONS = {
 }
 
 
-@pytest.mark.parametrize("command", ["validate", "convert"])
+@pytest.mark.parametrize("command", ["validate", "convert", "train"])
 @pytest.mark.parametrize("kind", list(CSVS))
 def test_malformed_csv_gives_one_error_line_naming_the_file(kind, command, tmp_path):
 
@@ -245,9 +245,16 @@ def test_malformed_csv_gives_one_error_line_naming_the_file(kind, command, tmp_p
     (data / "Data_Entry_2017.csv").write_bytes(CSVS[kind])
     (data / "train_val_list.txt").write_text("00000001_000.png\n")
     (data / "test_list.txt").write_text("00000002_000.png\n")
-    args = [str(data)] if command == "validate" else [str(data), str(tmp_path / "out")]
+    args = {
+        "validate": [str(data)],
+        "convert": [str(data), str(tmp_path / "out")],
+        "train": ["--data", str(data), "--model", "tiny", "--out", str(tmp_path / "run")],
+    }[command]
     res = _run(command, *args, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
-    assert res.stderr.startswith("error: ") and "Data_Entry_2017.csv" in res.stderr, res.stderr
+    errors = [
+        line for line in res.stderr.splitlines() if re.match(r"(chexlib \w+: )?error: ", line)
+    ]
+    assert len(errors) == 1 and "Data_Entry_2017.csv" in errors[0], res.stderr
     assert re.search(CSV_REASONS[kind], res.stderr), res.stderr
