@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chexlib import run_report as R
 from chexlib import train as T
 from chexlib.data import LABELS
 
@@ -462,10 +463,10 @@ def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
     assert metrics["fraction_of_synthetic_paired"] == pytest.approx(paired["ratio_median"])
     assert metrics["throughput"]["per_rank"][0]["windows"] == 2  # images/s from real windows only
     assert metrics["mean_auroc"] is None  # half the steps saw random data: no evaluation
-    ceiling = T.paired_ceiling(metrics)  # what the notebook plots and records as the ceiling
+    ceiling = R.paired_ceiling(metrics)  # what the notebook plots and records as the ceiling
     assert ceiling["images_per_sec"] == pytest.approx(paired["synthetic_median"])
-    assert T.throughput_frame({"synthetic (paired)": ceiling})["windows"].tolist() == [2]
-    assert T.paired_ceiling({**metrics, "paired_synthetic": None}) is None
+    assert R.throughput_frame({"synthetic (paired)": ceiling})["windows"].tolist() == [2]
+    assert R.paired_ceiling({**metrics, "paired_synthetic": None}) is None
     with pytest.raises(ValueError, match="drop --synthetic"):
         tiny_config(synth_dir, tmp_path / "x", synthetic=True, paired_synthetic=True)
 
