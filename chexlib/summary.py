@@ -1,7 +1,8 @@
 """The study summary's tables: one row per training run, gains, scaling, costs.
 
 Everything here reads the run records a study wrote (``results.collect_runs``)
-and nothing else, so the summary can be rebuilt from ``outputs/`` at any time.
+and those of runs made by hand (:func:`collect_hand_runs`), and nothing else,
+so the summary can be rebuilt from ``outputs/`` at any time.
 The figures are in :mod:`chexlib.plots`, the claims and their verdicts in
 :mod:`chexlib.verdicts`; published numbers (theirs) in :mod:`chexlib.reference`.
 Reporting layer: pandas only, never TensorFlow.
@@ -271,11 +272,76 @@ def hardware_caption(records: list[dict]) -> str:
     return f"{what}, no GPU" + (f" ({cpus[0]})" if cpus else "")
 
 
-def load_study(study_dir: str | Path) -> dict:
-    """Every table the summary needs, from the run records under ``study_dir``."""
+HAND_STAGE = "by hand"  # the stage of runs made outside a study
+
+
+def _hand_record(run_dir: Path, run_id: str) -> dict:
+    from chexlib.results import read_json
+
+    params = run_dir / "params.json"
+    return {
+        "stage": HAND_STAGE,
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "parameters": {},
+        "params": read_json(params, expect=dict) if params.is_file() else {},
+        "metrics": read_json(run_dir / "metrics.json", expect=dict),
+    }
+
+
+def hand_run_dirs(paths) -> list[Path]:
+    """Run folders at or below ``paths``: every folder with a ``metrics.json``, outermost only.
+
+    A folder made by ``chexlib train --out``, or notebook 04's ``OUTPUT_DIR``
+    (whose own ``run/`` folder is the same training and is not counted twice),
+    or a folder holding many of them. Glob patterns are expanded.
+
+    Raises:
+        FileNotFoundError: a path (or pattern) that names nothing.
+    """
+    import glob
+
+    found: list[Path] = []
+    for path in paths:
+        matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)]
+        if not matches or not Path(matches[0]).exists():
+            raise FileNotFoundError(f"run folder {path} does not exist")
+        for match in map(Path, matches):
+            runs = sorted(p.parent.resolve() for p in match.glob("**/metrics.json"))
+            found += [r for r in runs if not any(o in r.parents for o in runs)]
+    return list(dict.fromkeys(found))
+
+
+def collect_hand_runs(paths, known: list[dict] = ()) -> list[dict]:
+    """Records of runs made by hand (not by ``chexlib study``), shaped like ``collect_runs``'.
+
+    Args:
+        paths: run folders or folders holding them (:func:`hand_run_dirs`).
+        known: records already collected; a run among them is not added again.
+    """
+    seen = {Path(rec["run_dir"]).resolve() for rec in known}
+    records, ids = [], {rec["run_id"] for rec in known}
+    for run_dir in hand_run_dirs(paths):
+        if run_dir in seen or any(p in seen for p in run_dir.parents):
+            continue  # the study collected it (or the run it belongs to) already
+        record = _hand_record(run_dir, run_dir.name)
+        if record["metrics"].get("synthetic") is True:
+            continue  # a ceiling measured on one random batch, not a training run
+        run_id = (
+            run_dir.name if run_dir.name not in ids else f"{run_dir.parent.name}/{run_dir.name}"
+        )
+        ids.add(run_id)
+        records.append({**record, "run_id": run_id})
+    return records
+
+
+def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
+    """Every table the summary needs, from the run records under ``study_dir``
+    (None or "": none) and the runs made by hand in ``run_dirs``."""
     from chexlib.feeding import input_costs, projection
 
-    records = collect_runs(study_dir)
+    records = collect_runs(study_dir) if study_dir else []
+    records += collect_hand_runs(run_dirs, known=records)
     by_stage: dict[str, list] = {}
     for rec in records:
         by_stage.setdefault(rec["stage"], []).append(rec)
@@ -366,10 +432,18 @@ class SummaryConfig:
 
     study_dir: str
     output_dir: str
+    run_dirs: tuple = ()  # runs made by hand: run folders, or folders holding them
 
     def __post_init__(self):
-        if not Path(self.study_dir).is_dir():
+        object.__setattr__(self, "run_dirs", tuple(str(p) for p in self.run_dirs or ()))
+        if not self.study_dir and not self.run_dirs:
+            raise ValueError("nothing to summarise: give study_dir or run_dirs")
+        if self.study_dir and not Path(self.study_dir).is_dir():
             raise ValueError(f"study_dir {self.study_dir} does not exist: run the study first")
+        try:
+            hand_run_dirs(self.run_dirs)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -178,3 +178,48 @@ def test_localization_claim_reads_the_explain_run():
     claim = {c["id"]: c for c in verdicts.verdicts(tables)["claims"]}["localization"]
     assert claim["verdict"] == "not supported" and claim["measured"] == pytest.approx(0.17)
     assert claim["runs"] == ["gc"] and "chance 0.04" in claim["note"]
+
+
+def _write_run(folder, rec, status=None):
+    """A run folder as ``chexlib train --out`` (status None) or ``chexlib study`` writes it."""
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(rec["params"]))
+    (folder / "metrics.json").write_text(json.dumps(rec["metrics"]))
+    if status:
+        (folder / "run.json").write_text(json.dumps({"status": status, "parameters": {}}))
+
+
+def test_hand_made_runs_join_the_study_once_each(tmp_path):
+    study = tmp_path / "study"
+    _write_run(study / "train" / "a1", record("a1", "optimized", 1, 9.0), status="complete")
+    hand = tmp_path / "jupyter"
+    # notebook 04's OUTPUT_DIR: its record, and the training run's own record in run/
+    _write_run(hand / "04_distributed_training", record("nb", "naive", 1, 5.0))
+    _write_run(hand / "04_distributed_training" / "run", record("nb-run", "naive", 1, 5.0))
+    _write_run(hand / "cli" / "ranks2", record("cli", "optimized", 2, 15.0))  # chexlib train --out
+    synthetic = record("syn", "optimized", 1, 50.0)
+    synthetic["metrics"]["synthetic"] = True  # a ceiling run, not a training run
+    _write_run(hand / "cli" / "ceiling", synthetic)
+
+    assert summary.hand_run_dirs([hand]) == [
+        (hand / "04_distributed_training").resolve(), (hand / "cli" / "ceiling").resolve(),
+        (hand / "cli" / "ranks2").resolve(),
+    ]  # fmt: skip
+    # the study's own run given again by hand, and a pattern: no duplicates
+    tables = summary.load_study(study, run_dirs=[hand, study / "train" / "a1", f"{hand}/cl*"])
+    assert tables["stages"] == {"train": 1, summary.HAND_STAGE: 2}
+    train = tables["train"].set_index("run_id")
+    assert sorted(train.index) == ["04_distributed_training", "a1", "ranks2"]
+    assert train.loc["ranks2", "scaling_efficiency"] == pytest.approx(15.0 / (2 * 9.0))
+
+    only_hand = summary.load_study("", run_dirs=[hand / "cli" / "ranks2"])
+    assert list(only_hand["train"]["run_id"]) == ["ranks2"]
+
+
+def test_summary_config_checks_the_hand_made_run_folders(tmp_path):
+    cfg = summary.SummaryConfig(study_dir="", output_dir=str(tmp_path), run_dirs=[tmp_path])
+    assert cfg.run_dirs == (str(tmp_path),)
+    with pytest.raises(ValueError, match="does not exist"):
+        summary.SummaryConfig(study_dir="", output_dir="x", run_dirs=[tmp_path / "missing"])
+    with pytest.raises(ValueError, match="nothing to summarise"):
+        summary.SummaryConfig(study_dir="", output_dir="x")
