@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.chexlib-ready
 SPEC    ?= papermill_runs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv study publish test bench bench-pipeline bench-train lint lab clean-outputs
+.PHONY: venv study publish test bench bench-pipeline bench-train lint lab kernel clean-outputs
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ lint: venv
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The chexlib kernel for a JupyterLab or papermill installed outside .venv: a user-wide
+# kernel spec (~/.local/share/jupyter/kernels/chexlib) that starts .venv's python, so it
+# must be rerun if the checkout moves. Remove it: jupyter kernelspec remove -y chexlib
+kernel: venv
+	$(PY) -m ipykernel install --user --name chexlib --display-name "Python (chexlib)"
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -31,6 +31,13 @@ Nothing hangs and every failure names a rank:
   with the line it was stuck on: the rank sleeping on a dead file system, not
   the one waiting for it in an allreduce.
 
+Watching a long job: with ``LaunchConfig.log_output`` (on by default when
+``CHEXLIB_LOG_OUTPUT=1``, which ``chexlib study --log-output`` sets for its
+kernels) every rank's output is passed on line by line as it comes, prefixed
+with its rank (``[1] Epoch 3/10 ...``), to this process's stdout (a notebook's
+cell output, in a kernel) and appended to ``ranks.log`` in the training run's
+folder. What is kept for error messages stays as it was.
+
 Network: Horovod's rendezvous and result servers accept unauthenticated
 requests, so when every rank runs on this host they listen on 127.0.0.1 only
 (for ``horovod.run`` and :class:`HorovodCluster`). With other hosts they must
@@ -54,11 +61,19 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MODES = ("horovod.run", "horovodrun", "ipyparallel")
 STACK_SIGNAL = signal.SIGUSR1  # a rank that receives it writes its Python stacks
+LOG_OUTPUT_ENV = "CHEXLIB_LOG_OUTPUT"  # "1": LaunchConfig streams the ranks' output by default
+RANK_LOG = "ranks.log"  # the ranks' output, in the training run's folder, when streamed
+
+
+def log_output_default() -> bool:
+    """``LaunchConfig.log_output`` when not given: ``CHEXLIB_LOG_OUTPUT=1`` in the environment."""
+    return os.environ.get(LOG_OUTPUT_ENV, "") == "1"
 
 
 class LaunchError(RuntimeError):
@@ -76,12 +91,17 @@ class LaunchConfig:
         timeout: seconds the whole job may take in any mode, start-up
             included; then the ranks still running are stopped and named
             (None: no limit).
+        log_output: pass every rank's output on as it comes, line by line and
+            prefixed ``[R] ``, to stdout, and append it to ``ranks.log`` in the
+            training run's folder (``TrainConfig.out``). Default: on when
+            ``CHEXLIB_LOG_OUTPUT=1`` (``chexlib study --log-output`` sets it).
     """
 
     mode: str = "horovod.run"
     ranks: int = 1
     hosts: str | None = None
     timeout: float | None = None
+    log_output: bool = field(default_factory=log_output_default)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -113,14 +133,93 @@ def launch(config, launch_config: LaunchConfig) -> dict:
         LaunchError: a rank failed, or the job outlived ``launch_config.timeout``.
     """
     lc = launch_config
-    if lc.mode == "horovod.run":
-        return run(config, np=lc.ranks, hosts=lc.hosts, timeout=lc.timeout)
-    if lc.mode == "horovodrun":
-        return run_horovodrun(config, np=lc.ranks, hosts=lc.hosts, timeout=lc.timeout)
-    deadline = None if lc.timeout is None else time.monotonic() + lc.timeout
-    with HorovodCluster(n=lc.ranks) as cluster:  # starting the engines counts too
-        left = None if deadline is None else max(1.0, deadline - time.monotonic())
-        return cluster.train(config, timeout=left)
+    header = f"{lc.mode}, {lc.ranks} rank(s)"
+    streamed = RankLog(Path(config.out) / RANK_LOG, header=header) if lc.log_output else None
+    with streamed or contextlib.nullcontext() as log:
+        if lc.mode == "horovod.run":
+            return run(config, np=lc.ranks, hosts=lc.hosts, timeout=lc.timeout, log=log)
+        if lc.mode == "horovodrun":
+            return run_horovodrun(config, np=lc.ranks, hosts=lc.hosts, timeout=lc.timeout, log=log)
+        deadline = None if lc.timeout is None else time.monotonic() + lc.timeout
+        with HorovodCluster(n=lc.ranks) as cluster:  # starting the engines counts too
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            return cluster.train(config, timeout=left, log=log)
+
+
+# --- the ranks' output, as it comes ---------------------------------------------------
+
+# Horovod's launchers prefix each line of a rank with "[R]<stdout>:" (or a time first).
+_HOROVOD_PREFIX = re.compile(r"^[^\[\n]*\[(\d+)\]<std(?:out|err)>:")
+_LINE_END = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")
+
+
+class RankLog:
+    """Where the ranks' output goes when it is streamed: ``stream`` and a log file.
+
+    A text stream (``write``/``flush``) that passes on complete lines only,
+    each at once (flushed) so a reader sees it as it comes, with Horovod's
+    ``[R]<stdout>:`` prefix shortened to ``[R] ``. Lines are kept apart per
+    writing thread, so two ranks' forwarders never mix halves of lines.
+    Use it as a context manager: the file is opened (appended to, so a resumed
+    run keeps the earlier attempt) on entry and closed on exit.
+
+    Args:
+        path: the log file (``ranks.log``); its folder is created.
+        stream: where lines are shown; None: ``sys.stdout`` at entry (a kernel's
+            is the notebook's cell output).
+        header: written to the file (only) as ``# <time> <header>`` on entry.
+    """
+
+    def __init__(self, path: str | Path, stream=None, header: str = ""):
+        self.path, self.stream, self.header = Path(path), stream, header
+        self.file = None
+        self._lock = threading.Lock()
+        self._partial: dict[int, str] = {}  # thread id -> start of a line not ended yet
+
+    def __enter__(self) -> RankLog:
+        self.stream = self.stream or sys.stdout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        self.file.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {self.header}\n")
+        self.file.flush()
+        return self
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            me = threading.get_ident()
+            lines = _LINE_END.split(self._partial.pop(me, "") + text)
+            if lines[-1]:
+                self._partial[me] = lines[-1]
+            for line in lines[:-1]:
+                self._emit(line)
+        return len(text)
+
+    def _emit(self, line: str) -> None:
+        line = _HOROVOD_PREFIX.sub(r"[\1] ", line, count=1)
+        with contextlib.suppress(ValueError, OSError):  # a closed or broken stream: keep the file
+            self.stream.write(line)
+            self.stream.flush()
+        self.file.write(line)
+        self.file.flush()
+
+    def flush(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.stream.flush()
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            for rest in self._partial.values():
+                self._emit(rest + "\n")
+            self._partial.clear()
+            self.file.close()
+
+
+def _pump(pipe, keep: deque, log: RankLog | None) -> None:
+    """Read a child's pipe line by line: keep the last lines, pass each on to ``log``."""
+    for line in pipe:
+        keep.append(line.rstrip("\n"))
+        if log is not None:
+            log.write(line)
 
 
 # --- noticing stuck and failed ranks -----------------------------------------------
@@ -150,6 +249,9 @@ def _rank_main(fn, args: tuple, kwargs: dict, status_dir: str):
     """What each ``horovod.run`` process runs: ``fn``, ready to dump its stacks, errors noted."""
     rank = int(os.environ.get("HOROVOD_RANK", "0"))
     install_stack_dump(status_dir, rank)
+    for stream in (sys.stdout, sys.stderr):  # a pipe to the launcher: lines as they come
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True)
     try:
         return fn(*args, **kwargs)
     except BaseException as err:
@@ -314,6 +416,7 @@ def run_function(
     timeout: float | None = None,
     start_timeout: int = 120,
     verbose: int = 0,
+    log: RankLog | None = None,
 ) -> list:
     """``horovod.run(fn, ...)`` on ``np`` Gloo ranks, bounded and with failures named.
 
@@ -323,6 +426,9 @@ def run_function(
         fn: a picklable function (Horovod sends it to the ranks with cloudpickle).
         timeout: seconds for the whole job; then the ranks still running are
             stopped and :class:`LaunchError` names them with where they were.
+        log: an open :class:`RankLog` the ranks' lines go to (Horovod writes
+            them to ``sys.stdout``/``sys.stderr``, redirected to it meanwhile);
+            None: they go to ``sys.stdout``/``sys.stderr`` as Horovod prefixes them.
 
     Returns:
         ``fn``'s return value on every rank, by rank.
@@ -337,7 +443,12 @@ def run_function(
 
     try:
         stop = functools.partial(_stop_stuck_ranks, status)
-        with _Watchdog(timeout, stop) as watchdog, _horovod_servers_on_loopback(hosts):
+        with (
+            _Watchdog(timeout, stop) as watchdog,
+            _horovod_servers_on_loopback(hosts),
+            contextlib.redirect_stdout(log) if log else contextlib.nullcontext(),
+            contextlib.redirect_stderr(log) if log else contextlib.nullcontext(),
+        ):
             try:
                 results = horovod.run(
                     _rank_main,
@@ -418,6 +529,7 @@ def run(
     start_timeout: int = 120,
     verbose: int = 0,
     timeout: float | None = None,
+    log: RankLog | None = None,
 ) -> dict:
     """Run ``chexlib.train.train(config)`` on ``np`` Horovod ranks (Gloo); return rank 0's result.
 
@@ -428,6 +540,7 @@ def run(
             reached by ssh, as horovodrun does.
         start_timeout: seconds the ranks may take to start.
         timeout: seconds for the whole job (None: no limit).
+        log: an open :class:`RankLog` for the ranks' output (see :func:`run_function`).
 
     Raises:
         LaunchError: a rank exited non-zero or raised (the others are
@@ -443,6 +556,7 @@ def run(
         timeout=timeout,
         start_timeout=start_timeout,
         verbose=verbose,
+        log=log,
     )
     return results[0]
 
@@ -506,9 +620,19 @@ def mpirun_command(config, np: int, hosts: str | None = None) -> list[str]:
 
 
 def run_horovodrun(
-    config, np: int, hosts: str | None = None, timeout: float | None = None, env: dict | None = None
+    config,
+    np: int,
+    hosts: str | None = None,
+    timeout: float | None = None,
+    env: dict | None = None,
+    log: RankLog | None = None,
 ) -> dict:
     """Run :func:`horovodrun_command` as a subprocess; return the metrics rank 0 wrote.
+
+    Args:
+        log: an open :class:`RankLog`: each line horovodrun prints (every
+            rank's, ``[R]<stdout>:``-prefixed) is passed on to it as it comes.
+            Either way the last lines are kept for the error message.
 
     Raises:
         LaunchError: non-zero exit, with the end of the output; or ``timeout``
@@ -517,27 +641,41 @@ def run_horovodrun(
     from chexlib.results import read_json
 
     command = horovodrun_command(config, np, hosts)
+    unbuffered = {"PYTHONUNBUFFERED": "1"} if log else {}  # ranks print each line at once
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        encoding="utf-8",
+        errors="replace",
+        env={**os.environ, **unbuffered, **(env or {})},
     )
+    out, err = deque(maxlen=40), deque(maxlen=40)  # the error message's tail: stdout, then stderr
+    pumps = [
+        threading.Thread(target=_pump, args=(pipe, keep, log), daemon=True)
+        for pipe, keep in ((proc.stdout, out), (proc.stderr, err))
+    ]
+    for pump in pumps:
+        pump.start()
+    stuck = None
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         ranks = _rank_processes(proc.pid, "train")
         stuck = {r: f"pid {_rank_pid(ps)}" for r, ps in sorted(ranks.items())}
         for ps in ranks.values():
             _kill_tree(ps)
         proc.kill()
-        out, err = proc.communicate()
-        tail = "\n".join((out + err).splitlines()[-20:])
+        proc.wait()
+    for pump in pumps:
+        pump.join(timeout=30)  # the pipes close when the last process holding them ends
+    if stuck is not None:
+        tail = "\n".join([*out, *err][-20:])
         message = _timeout_message("horovodrun", timeout, np, stuck)
-        raise LaunchError(f"{message}\n{' '.join(command)}\n{tail}") from None
+        raise LaunchError(f"{message}\n{' '.join(command)}\n{tail}")
     if proc.returncode != 0:
-        tail = "\n".join((out + err).splitlines()[-40:])
+        tail = "\n".join([*out, *err][-40:])
         raise LaunchError(f"exit status {proc.returncode}: {' '.join(command)}\n{tail}")
     return read_json(Path(config.out) / "metrics.json")
 
@@ -633,6 +771,22 @@ def _remote_error(err: Exception) -> str:
     name, value = getattr(err, "ename", None), getattr(err, "evalue", None)
     text = f"{name}: {value}" if name else f"{type(err).__name__}: {err}"
     return text.strip()[:1500]
+
+
+def _echo_engines(results: dict, shown: dict, log: RankLog, final: bool = False) -> None:
+    """Pass the engines' new output to ``log``, complete lines only (all at the end), as ``[R] ``."""
+    for rank, ar in results.items():
+        for name in ("stdout", "stderr"):
+            try:
+                text = ar[name]  # what the engine printed so far (ipyparallel keeps it all)
+            except Exception:  # noqa: BLE001 - an engine that died has no more output
+                continue
+            start = shown.get((rank, name), 0)
+            end = len(text) if final else text.rfind("\n", start) + 1
+            if end > start:
+                shown[(rank, name)] = end
+                for line in text[start:end].splitlines():
+                    log.write(f"[{rank}] {line}\n")
 
 
 class HorovodCluster:
@@ -733,8 +887,10 @@ class HorovodCluster:
         """``hvd.init()`` and an allreduce on every engine; one dict per engine, by rank."""
         return [r for _, r in sorted(self.run(engine_horovod_check, timeout=timeout).items())]
 
-    def train(self, config, timeout: float | None = None) -> dict:
+    def train(self, config, timeout: float | None = None, log: RankLog | None = None) -> dict:
         """Run ``chexlib.train.train(config)`` on every engine; return rank 0's metrics.
+
+        ``log``: an open :class:`RankLog` the engines' output lines go to as they come.
 
         Raises:
             LaunchError: a rank raised or died (named, the others stopped), or
@@ -742,10 +898,13 @@ class HorovodCluster:
         """
         from chexlib.train import train
 
-        return self.run(train, config, timeout=timeout)[0]
+        return self.run(train, config, timeout=timeout, log=log)[0]
 
-    def run(self, fn, *args, timeout: float | None = None) -> dict:
+    def run(self, fn, *args, timeout: float | None = None, log: RankLog | None = None) -> dict:
         """Run ``fn(*args)`` on every engine at once; return ``{rank: result}``.
+
+        With ``log`` (an open :class:`RankLog`), each engine's output lines are
+        passed on to it as they come, prefixed with the engine's rank.
 
         Raises:
             LaunchError: a rank raised or its engine died (the others are
@@ -754,11 +913,19 @@ class HorovodCluster:
         pending = {self.ranks[e]: self.client[e].apply_async(fn, *args) for e in sorted(self.ranks)}
         deadline = None if timeout is None else time.monotonic() + timeout
         results, failures = {}, {}
-        while pending and not failures:
-            time.sleep(0.2)
-            self._poll(pending, results, failures)
-            if pending and not failures and deadline is not None and time.monotonic() > deadline:
-                self._time_out(pending, timeout)
+        every, shown = dict(pending), {}  # every rank's result, for its output
+        try:
+            while pending and not failures:
+                time.sleep(0.2)
+                self._poll(pending, results, failures)
+                if log is not None:
+                    _echo_engines(every, shown, log)
+                overdue = deadline is not None and time.monotonic() > deadline
+                if pending and not failures and overdue:
+                    self._time_out(pending, timeout)
+        finally:
+            if log is not None:
+                _echo_engines(every, shown, log, final=True)
         if failures:
             end = time.monotonic() + 3.0  # the others' errors follow within moments; keep them
             while pending and time.monotonic() < end:

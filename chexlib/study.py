@@ -24,11 +24,20 @@ resumes where it stopped. A failed run is reported and the study goes on.
 A stage (or the whole spec, as a default) can set ``timeout: SECONDS``: a run
 that takes longer has its kernel and the processes it started (Horovod ranks)
 killed, is recorded as failed ("timed out after ..."), and the study goes on.
+
+``log_output: true`` in a spec (or ``chexlib study --log-output``) shows a run
+as it goes: each notebook's printed cell output is written to the study's
+stdout as it comes, and the Horovod jobs it launches pass every rank's lines
+on as they come, prefixed with the rank (``[1] Epoch 2/10 ...``), also kept in
+``ranks.log`` in the training run's folder. With ``--jobs`` above 1 the lines of
+runs executed at the same time interleave.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -134,7 +143,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _SAFE_HINT = (
     "letters, digits, '-', '_' and '.' only (no '/', no '..', not starting with '.' or '-')"
 )
-_SPEC_KEYS = ("name", "hosts", "vars", "stages", "timeout")
+_SPEC_KEYS = ("name", "hosts", "vars", "stages", "timeout", "log_output")
 _STAGE_KEYS = ("name", "notebook", "parameters", "grid", "cases", "output_dir", "html", "timeout")
 
 
@@ -207,6 +216,9 @@ def load_spec(path: str | Path) -> dict:
     if spec.get("hosts") is not None and not isinstance(spec["hosts"], str):
         raise SpecError(f"{path}: hosts must be a string, not {_kind(spec['hosts'])}")
     _check_timeout(spec, f"{path}: ")
+    if not isinstance(spec.get("log_output", False), bool):
+        value = spec["log_output"]
+        raise SpecError(f"{path}: log_output must be true or false, not {_kind(value)} ({value!r})")
     variables = _check_mapping(spec.get("vars") or {}, f"{path}: vars")
     for name, value in variables.items():
         if not isinstance(value, str | int | float | bool):
@@ -322,8 +334,11 @@ class RunTimeout(RuntimeError):
     """A run outlived its stage's ``timeout``; its kernel and everything it started were killed."""
 
 
-def execute(run: Run, html: bool = True) -> None:
+def execute(run: Run, html: bool = True, log_output: bool = False) -> None:
     """Run one notebook; ``run.json`` records the outcome either way.
+
+    ``log_output``: stream its cell output and its ranks' output as it comes
+    (see :func:`chexlib.notebook.run_notebook`).
 
     With ``run.timeout``, the kernel (and the processes it started, such as
     Horovod ranks) is killed when the run takes longer: papermill then fails
@@ -346,7 +361,9 @@ def execute(run: Run, html: bool = True) -> None:
     if run.timeout:
         watch.start()
     try:
-        run_notebook(run.notebook, run.executed, run.parameters, cwd=run.run_dir)
+        run_notebook(
+            run.notebook, run.executed, run.parameters, cwd=run.run_dir, log_output=log_output
+        )
     except Exception as err:  # papermill keeps the failing cell's error in the notebook
         done.set()
         if watch.is_alive():
@@ -428,6 +445,7 @@ def run_study(
     jobs: int = 1,
     html: bool = True,
     log=print,
+    log_output: bool | None = None,
 ) -> StudyResult:
     """Expand a study and execute what is not complete yet.
 
@@ -440,8 +458,12 @@ def run_study(
             since later stages read what earlier ones wrote).
         html: write an HTML rendering beside each executed notebook.
         log: where progress lines go.
+        log_output: stream each run's cell output and its Horovod ranks' output
+            to stdout as it comes; None: the spec's ``log_output`` (default off).
     """
     spec = load_spec(spec_path)
+    if log_output is None:
+        log_output = spec.get("log_output", False)
     runs = expand(spec, outputs)
     statuses = _statuses(runs)  # over all stages: a summary depends on every run before it
     for folder in _unlisted_run_folders(runs):
@@ -475,7 +497,7 @@ def run_study(
         log(f"[{i}/{len(todo)}] {_clock(time.time() - start)}  {run.stage}/{run.run_id} ...")
         t0 = time.time()
         try:
-            execute(run, html=html)
+            execute(run, html=html, log_output=log_output)
             result.ran.append(run)
             log(f"[{i}/{len(todo)}] done in {_clock(time.time() - t0)}  {run.stage}/{run.run_id}")
         except Exception as err:
@@ -551,6 +573,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs of one stage at the same time")
     parser.add_argument("--outputs", default=str(DEFAULT_OUTPUTS), help="root of the outputs tree")
     parser.add_argument("--no-html", action="store_true", help="skip HTML renderings")
+    parser.add_argument(
+        "--log-output",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream each notebook's cell output and the Horovod ranks' output ([R]-prefixed, "
+        "also kept in ranks.log) as it comes; default: the spec's log_output (off)",
+    )
 
 
 def run(args) -> int:
@@ -566,5 +595,7 @@ def run(args) -> int:
         dry_run=args.dry_run,
         jobs=args.jobs,
         html=not args.no_html,
+        log=functools.partial(print, flush=True),  # in order with the streamed output
+        log_output=args.log_output,
     )
     return 0 if result.ok else 1

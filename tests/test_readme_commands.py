@@ -134,7 +134,7 @@ def commands_in_line(code: str, variables: dict[str, list[str]]) -> list[tuple[s
             found.append(("make", rest[1:]))
             continue
         for j, tok in enumerate(rest):
-            if Path(tok).name == "chexlib":
+            if Path(tok).name == "chexlib" and rest[j - 1 : j] not in (["-k"], ["--kernel"]):
                 found.append(("chexlib", rest[j + 1 :]))
                 break
             if re.fullmatch(r"python[\d.]*", Path(tok).name) and rest[j + 1 : j + 2] == ["-m"]:

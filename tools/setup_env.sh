@@ -30,6 +30,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   TF_PKG="tensorflow[and-cuda]==$TF_VERSION"   # a GPU is present: CUDA build
+elif [ "$(uname -s)-$(uname -m)" = "Darwin-arm64" ]; then
+  TF_PKG="tensorflow==$TF_VERSION"             # no tensorflow-cpu wheel for Apple silicon
 else
   TF_PKG="tensorflow-cpu==$TF_VERSION"
 fi
