@@ -4,9 +4,12 @@ Every dataset built here goes through ONE preprocessing path
 (:func:`preprocess_image`), whatever the source and the pipeline:
 
 1. decode to one 8-bit channel, whatever the stored layout (RGB, RGBA and
-   16-bit PNGs included; JPEG and raw records too);
-2. resize to the model's input size (bilinear with antialiasing), rounded back
-   to ``uint8`` so a cached image is bit-identical to a freshly decoded one;
+   16-bit PNGs included; JPEG and raw records too), with libspng or
+   TensorFlow's decoder (:mod:`chexlib.imageops`: identical pixels);
+2. resize to the model's input size, bilinear with antialiasing done as a
+   whole-factor box reduction (fused with a libspng decode) and a small
+   bilinear step (:func:`~chexlib.imageops.resize_gray`), rounded back to
+   ``uint8`` so a cached image is bit-identical to a freshly decoded one;
    an image stored at that size already (compact records) passes through;
 3. random horizontal flip, in training only (on the ``uint8`` channel);
 4. normalise ONCE as the model's ImageNet weights expect (the poster's code
@@ -49,6 +52,13 @@ import numpy as np
 import tensorflow as tf
 
 from chexlib.data import LABELS, SPLITS, DataError
+from chexlib.imageops import (
+    DECODERS,
+    decode_png_gray,
+    decode_png_reduced,
+    resize_gray,
+    resolve_decoder,
+)
 
 AUTOTUNE = tf.data.AUTOTUNE
 SOURCES = ("raw", "records")
@@ -143,6 +153,11 @@ class PipelineConfig:
             training (faster), True in evaluation (order is part of its contract).
         read_buffer_bytes: read buffer of each TFRecordDataset.
         return_names: yield ``(images, labels, names)`` with the file names.
+        png_decoder: ``"auto"`` (libspng for 8-bit grey PNGs when installed,
+            else TensorFlow's ``decode_png``), ``"tensorflow"`` or
+            ``"libspng"`` (see :mod:`chexlib.imageops`; identical pixels).
+            A tf.data service's workers decode with TensorFlow: they cannot
+            call back into this process's Python.
     """
 
     pipeline: str = "optimized"
@@ -172,6 +187,7 @@ class PipelineConfig:
     deterministic: bool | None = None
     read_buffer_bytes: int = READ_BUFFER_BYTES
     return_names: bool = False
+    png_decoder: str = "auto"
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -197,6 +213,14 @@ class PipelineConfig:
             self.data_service_mode in SERVICE_MODES,
             f"data_service_mode must be one of {SERVICE_MODES}",
         )
+        check(
+            self.png_decoder in DECODERS,
+            f"png_decoder must be one of {DECODERS}, not {self.png_decoder!r}",
+        )
+        check(
+            not (self.data_service and self.png_decoder == "libspng"),
+            "png_decoder 'libspng' runs Python, which tf.data service workers cannot; use 'auto'",
+        )
         check(self.cycle_length >= 1, "cycle_length must be >= 1")
         check(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         check(self.private_threadpool_size >= 0, "private_threadpool_size must be >= 0")
@@ -220,6 +244,9 @@ class PipelineConfig:
         """The settings actually used for ``split``: naive and evaluation overrides applied."""
         training = (split == "train") if self.training is None else self.training
         changes: dict = {"training": training}
+        changes["png_decoder"] = (
+            "tensorflow" if self.data_service else resolve_decoder(self.png_decoder)
+        )
         if self.max_intra_op_parallelism is None:
             changes["max_intra_op_parallelism"] = 1 if self.pipeline == "optimized" else 0
         if self.pipeline == "naive":  # the poster's naive pipeline: every speed step off
@@ -263,43 +290,18 @@ def _affine(model: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ones(3), -np.array(_CAFFE_MEAN_BGR)
 
 
-def decode_png_gray(encoded: tf.Tensor) -> tf.Tensor:
-    """PNG bytes -> ``uint8 [H, W, 1]`` (RGB/RGBA reduced to luma, 16-bit scaled to 8)."""
-    return tf.io.decode_png(encoded, channels=1, dtype=tf.uint8)
-
-
-def decode_gray(encoded: tf.Tensor, image_format: str, height=None, width=None) -> tf.Tensor:
+def decode_gray(
+    encoded: tf.Tensor, image_format: str, height=None, width=None, png_decoder: str = "tensorflow"
+) -> tf.Tensor:
     """Decode ``png``, ``jpeg`` or ``raw`` (one uint8 channel, ``height*width`` bytes) to ``[H, W, 1]``."""
     if image_format == "png":
-        return decode_png_gray(encoded)
+        return decode_png_gray(encoded, png_decoder)
     if image_format == "jpeg":
         return tf.io.decode_jpeg(encoded, channels=1)
     if image_format == "raw":
         flat = tf.io.decode_raw(encoded, tf.uint8)
         return tf.reshape(flat, tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32), 1]))
     raise ValueError(f"unknown image format {image_format!r}; expected png, jpeg or raw")
-
-
-def resize_gray(gray: tf.Tensor, image_size: int) -> tf.Tensor:
-    """``uint8 [H, W, 1]`` -> ``uint8 [S, S, 1]``: bilinear with antialiasing, rounded.
-
-    An image already ``S x S`` (compact records written at the training size)
-    passes through untouched: resizing it would return the same pixels at
-    ten times the cost of decoding it.
-    """
-
-    def resize():
-        out = tf.image.resize(gray, [image_size, image_size], method="bilinear", antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
-
-    height, width = gray.shape[0], gray.shape[1]
-    if height is not None and width is not None:  # static shape: decide while tracing
-        resized = gray if (height, width) == (image_size, image_size) else resize()
-    else:
-        shape = tf.shape(gray)
-        same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-        resized = tf.cond(same, lambda: tf.identity(gray), resize)
-    return tf.ensure_shape(resized, [image_size, image_size, 1])
 
 
 def flip_decision(seed=None) -> tf.Tensor:
@@ -479,13 +481,21 @@ def _parse_record(serialized):
     return _records_module().parse_example(serialized)
 
 
-def _record_decoder(image_format: str | None):
-    """serialized record -> (gray uint8 [H, W, 1], labels float32 [14], name)."""
+def _record_decoder(image_format: str | None, cfg: PipelineConfig):
+    """serialized record -> (image [H, W, 1], labels float32 [14], name).
+
+    PNG records are decoded and box-reduced in one step (:func:`decode_png_reduced`,
+    ``float32``); raw and JPEG records stay ``uint8`` (a compact record at the
+    model size then passes through :func:`resize_gray` untouched).
+    """
+    size, png_decoder = cfg.image_size, cfg.png_decoder
 
     def decode(serialized):
         ex = _parse_record(serialized)
         encoded, height, width = ex["image/encoded"], ex["image/height"], ex["image/width"]
-        if image_format is not None:
+        if image_format == "png":
+            gray = decode_png_reduced(encoded, size, png_decoder)
+        elif image_format is not None:
             gray = decode_gray(encoded, image_format, height, width)
         else:  # the manifest does not say: choose per record
             fmt = ex["image/format"]
@@ -494,7 +504,7 @@ def _record_decoder(image_format: str | None):
                     (tf.equal(fmt, b"raw"), lambda: decode_gray(encoded, "raw", height, width)),
                     (tf.equal(fmt, b"jpeg"), lambda: decode_gray(encoded, "jpeg")),
                 ],
-                default=lambda: decode_gray(encoded, "png"),
+                default=lambda: decode_gray(encoded, "png", png_decoder=png_decoder),
             )
         labels = tf.cast(tf.reshape(ex["image/label"], [len(LABELS)]), tf.float32)
         return gray, labels, ex["image/filename"]
@@ -502,8 +512,14 @@ def _record_decoder(image_format: str | None):
     return decode
 
 
-def _raw_decoder(path, labels, name):
-    return decode_png_gray(tf.io.read_file(path)), labels, name
+def _raw_decoder(cfg: PipelineConfig):
+    """(path, labels, name) -> (float32 box-reduced image, labels, name)."""
+    size, png_decoder = cfg.image_size, cfg.png_decoder
+
+    def decode(path, labels, name):
+        return decode_png_reduced(tf.io.read_file(path), size, png_decoder), labels, name
+
+    return decode
 
 
 # --- the builder -----------------------------------------------------------------
@@ -616,13 +632,13 @@ def build_dataset(
             from chexlib.data import load_metadata
 
             metadata = load_metadata(data_dir)
-        items, decode = _raw_items(metadata, split, cfg), _raw_decoder
+        items, decode = _raw_items(metadata, split, cfg), _raw_decoder(cfg)
     else:
         if records_dir is None:
             raise ValueError("source='records' needs records_dir")
         items, decode = (
             _record_items(records_dir, split, cfg),
-            _record_decoder(record_format(records_dir)),
+            _record_decoder(record_format(records_dir), cfg),
         )
     cache_file = None
     if cfg.cache and cfg.cache != "memory":

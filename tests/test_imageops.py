@@ -1,0 +1,146 @@
+"""Decoding and resizing (chexlib.imageops, chexlib.spng) on real-size images."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from chexlib import imageops, spng
+from chexlib.synth import encode_png, render_image
+
+needs_spng = pytest.mark.skipif(not spng.available(), reason=spng.unavailable_reason() or "")
+
+
+@pytest.fixture(scope="module")
+def radiographs() -> list[bytes]:
+    """Three generated 1024 x 1024 radiographs (NIH's size), as PNG bytes."""
+    findings = [(), ("Mass", "Effusion"), ("Cardiomegaly",)]
+    return [encode_png(render_image(f, 1024, 3, i, i + 1, "PA", "M")) for i, f in enumerate(findings)]
+
+
+def _reference(encoded: bytes, size: int) -> np.ndarray:
+    """TensorFlow's own antialiased bilinear resize, rounded to uint8."""
+    gray = tf.io.decode_png(encoded, channels=1)
+    out = tf.image.resize(gray, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8).numpy()
+
+
+@pytest.mark.parametrize("size", [224, 256, 320])
+def test_fast_antialias_matches_the_reference_within_two_levels(radiographs, size):
+    # the stated tolerance: no pixel off by more than 2 grey levels, mean under 0.2
+    for encoded in radiographs:
+        fast = imageops.resize_gray(imageops.decode_png_gray(encoded), size).numpy()
+        diff = np.abs(fast.astype(int) - _reference(encoded, size).astype(int))
+        assert fast.shape == (size, size, 1) and fast.dtype == np.uint8
+        assert diff.max() <= 2, (size, diff.max())
+        assert diff.mean() < 0.2, (size, diff.mean())
+
+
+def test_without_antialiasing_the_same_check_fails(radiographs):
+    # the tolerance above is tight enough to tell a plain bilinear resize apart
+    gray = tf.io.decode_png(radiographs[1], channels=1)
+    plain = tf.cast(tf.round(tf.image.resize(gray, [224, 224])), tf.uint8).numpy()
+    diff = np.abs(plain.astype(int) - _reference(radiographs[1], 224).astype(int))
+    assert diff.max() > 2 or diff.mean() >= 0.2
+
+
+@needs_spng
+def test_both_decoders_give_identical_pixels(radiographs):
+    for encoded in radiographs:
+        ours = imageops.decode_png_gray(encoded, "libspng").numpy()
+        theirs = imageops.decode_png_gray(encoded, "tensorflow").numpy()
+        assert ours.dtype == np.uint8 and ours.shape == theirs.shape == (1024, 1024, 1)
+        np.testing.assert_array_equal(ours, theirs)
+        reduced = [imageops.decode_png_reduced(encoded, 224, d).numpy() for d in DECODERS_USED]
+        np.testing.assert_array_equal(reduced[0], reduced[1])
+
+
+DECODERS_USED = ("libspng", "tensorflow")
+
+
+def _png(array: np.ndarray, mode: str | None, **save) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array, mode)
+    image.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+@needs_spng
+@pytest.mark.parametrize("layout", ["RGB", "RGBA", "I;16", "P", "interlaced-L"])
+def test_libspng_leaves_other_layouts_to_tensorflow(layout):
+    rng = np.random.default_rng(0)
+    if layout in ("RGB", "RGBA"):
+        data = _png(rng.integers(0, 256, (40, 30, len(layout)), dtype=np.uint8), layout)
+    elif layout == "I;16":
+        data = _png(rng.integers(0, 65536, (40, 30), dtype=np.uint16), None)
+    elif layout == "P":
+        rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), "RGB")
+        data = _png(np.asarray(rgb.convert("P", palette=Image.Palette.ADAPTIVE)), "P")
+    else:
+        data = _png(rng.integers(0, 256, (40, 30), dtype=np.uint8), "L", interlace=1)
+    ours = imageops.decode_png_gray(data, "libspng").numpy()
+    np.testing.assert_array_equal(ours, tf.io.decode_png(data, channels=1).numpy())
+
+
+@needs_spng
+def test_a_corrupt_png_is_an_error_from_either_decoder(radiographs):
+    broken = radiographs[0][: len(radiographs[0]) // 2]
+    for decoder in DECODERS_USED:  # inside tf.data both surface as InvalidArgumentError
+        decode = tf.function(lambda e, d=decoder: imageops.decode_png_gray(e, d))
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            decode(tf.constant(broken)).numpy()
+    with pytest.raises(ValueError, match="libspng"):
+        spng.decode_gray8(broken)
+
+
+@needs_spng
+def test_libspng_decodes_without_holding_the_gil():
+    # a 4096 px PNG takes tens of milliseconds to decode; if the GIL were held,
+    # this thread could not run a single Python line until the decode returned
+    big = _png(np.random.default_rng(1).integers(0, 256, (4096, 4096), dtype=np.uint8), "L")
+    started, done, ticks = threading.Event(), threading.Event(), [0]
+
+    def decode():
+        started.set()
+        spng.decode_gray8(big)
+        done.set()
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    started.wait()
+    while not done.is_set():
+        ticks[0] += 1
+    worker.join()
+    assert ticks[0] > 10_000, f"main thread ran {ticks[0]} loop steps during the decode"
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size", "factor"),
+    [(1024, 1024, 224, 4), (1024, 1024, 256, 4), (1024, 1024, 512, 2), (1000, 1000, 224, 4),
+     (1023, 1023, 224, 3), (1021, 1021, 224, 1), (224, 224, 224, 1), (100, 100, 224, 1)],
+)
+def test_box_factor_is_the_largest_whole_divisor_keeping_the_size(height, width, size, factor):
+    assert imageops.box_factor(height, width, size) == factor
+    gray = np.random.default_rng(2).integers(0, 256, (height, width), dtype=np.uint8)
+    out = imageops.box_reduce_numpy(gray, size)
+    f = factor
+    expected = gray.reshape(height // f, f, width // f, f).astype(np.float64).mean((1, 3))
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    in_graph = imageops.box_reduce(tf.constant(gray[..., None]), size).numpy()[..., 0]
+    np.testing.assert_allclose(in_graph, expected, atol=1e-3)
+
+
+def test_an_image_at_the_model_size_passes_through_untouched():
+    gray = tf.constant(np.random.default_rng(3).integers(0, 256, (224, 224, 1), dtype=np.uint8))
+    assert np.array_equal(imageops.resize_gray(gray, 224).numpy(), gray.numpy())
+
+
+def test_unknown_or_unavailable_decoders_are_named():
+    with pytest.raises(ValueError, match="png decoder must be one of"):
+        imageops.resolve_decoder("pillow")
+    assert imageops.resolve_decoder("auto") in ("libspng", "tensorflow")
