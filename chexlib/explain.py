@@ -18,7 +18,11 @@ the findings that have boxes; the pooled rate over all boxes is given too.
 Grad-CAM (Selvaraju et al. 2017): for finding ``k`` and feature maps ``A``
 (h x w x C) of the last convolutional block, ``alpha_c`` is the mean over
 pixels of d logit_k / d A_c and the heatmap is ``ReLU(sum_c alpha_c A_c)``,
-upsampled bilinearly to the model input and divided by its maximum. The logit
+upsampled bilinearly to the model input and divided by its maximum. Each
+feature cell is placed at the centre of its receptive field
+(:func:`feature_grid`), not where a plain resize would put it: TensorFlow's
+``same`` stride-2 convolutions pad after the image, which moves the tiny CNN's
+8 x 8 map half a cell (7.5 of 128 px) down and to the right. The logit
 (before the sigmoid) is differentiated, as the paper does with the score
 before the softmax. The last block is the input of global average pooling:
 ``relu`` in DenseNet121, ``conv5_block3_out`` in ResNet50, ``tiny_relu3`` in
@@ -352,6 +356,76 @@ def cam_model(net, layer: str = ""):
     return tf.keras.Model(net.inputs, [features, net.get_layer(HEAD_NAME).input])
 
 
+# Layers that move or subsample the feature grid; every other layer keeps it as it is.
+_KERNEL_LAYERS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+_POOL_LAYERS = ("MaxPooling2D", "AveragePooling2D")
+
+
+def _chain(layer) -> list:
+    """The layers from the input to ``layer``, following each layer's first input.
+
+    Branches that merge (DenseNet's concatenations, ResNet's additions) are
+    aligned with each other, so the first input's path gives the grid.
+    """
+    chain = []
+    while True:
+        chain.append(layer)
+        inbound = layer.inbound_nodes[0].inbound_layers if layer.inbound_nodes else []
+        inbound = inbound if isinstance(inbound, list | tuple) else [inbound]
+        if not inbound:
+            return chain[::-1]
+        layer = inbound[0]
+
+
+def _axis_grid(layer, axis: int, start: float, jump: float) -> tuple[float, float]:
+    """(centre of cell 0, cell spacing) after ``layer`` along ``axis`` (0: rows, 1: cols)."""
+    kind = type(layer).__name__
+    if kind == "ZeroPadding2D":
+        return start - layer.padding[axis][0] * jump, jump
+    if kind not in _KERNEL_LAYERS + _POOL_LAYERS:
+        return start, jump
+    if kind in _KERNEL_LAYERS:
+        k = (layer.kernel_size[axis] - 1) * layer.dilation_rate[axis] + 1
+    else:
+        k = layer.pool_size[axis]
+    s, n_in = layer.strides[axis], layer.input.shape[1 + axis]
+    before = 0
+    if layer.padding == "same":  # TensorFlow pads the odd pixel at the end
+        before = max((-(-n_in // s) - 1) * s + k - n_in, 0) // 2
+    return start + ((k - 1) / 2 - before) * jump, jump * s
+
+
+def feature_grid(cams) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Where a :func:`cam_model`'s feature cells sit on its input: per axis (rows, cols),
+    the centre of cell 0 and the spacing of cells, in input pixels (pixel ``i`` spans [i, i+1)).
+
+    A stride-2 convolution with TensorFlow's ``same`` padding centres output
+    cell ``j`` on input pixel ``2j + 1`` (the padding goes after the image), not
+    between pixels ``2j`` and ``2j + 1`` as a plain resize assumes: in the tiny
+    CNN four of them put cell ``j`` of the 8 x 8 map at ``16j + 15.5`` of a
+    128 px input, not ``16j + 8``: half a cell down and to the right.
+    """
+    grid = []
+    for axis in (0, 1):
+        start, jump = 0.5, 1.0
+        for layer in _chain(cams.get_layer(cams.output_names[0])):
+            start, jump = _axis_grid(layer, axis, start, jump)
+        grid.append((start, jump))
+    return tuple(grid)
+
+
+def upsampling_matrix(cells: int, size: int, start: float, jump: float) -> np.ndarray:
+    """``[size, cells]`` bilinear weights: cell ``j`` centred at ``start + j x jump`` input
+    pixels, held constant beyond the first and last centres (as ``tf.image.resize``)."""
+    at = np.clip((np.arange(size) + 0.5 - start) / jump, 0, cells - 1)
+    low = np.floor(at).astype(int)
+    high = np.minimum(low + 1, cells - 1)
+    weights = np.zeros((size, cells), np.float32)
+    np.add.at(weights, (np.arange(size), low), 1 - (at - low))
+    np.add.at(weights, (np.arange(size), high), at - low)
+    return weights
+
+
 def heatmaps(net, images, classes, layer: str = "", cams=None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM of ``classes`` (indices into ``LABELS``) for a batch of preprocessed images.
 
@@ -383,9 +457,10 @@ def heatmaps(net, images, classes, layer: str = "", cams=None) -> tuple[np.ndarr
     if not maps:
         return np.zeros((images.shape[0], 0, *size), np.float32), probs
     stacked = tf.stack(maps, axis=1)  # [B, K, h, w]
-    b, k, h, w = (tf.shape(stacked)[i] for i in range(4))
-    up = tf.image.resize(tf.reshape(stacked, [b * k, h, w, 1]), size, method="bilinear")
-    up = tf.reshape(up, [b, k, *size])
+    rows, cols = feature_grid(cams)
+    up_rows = tf.constant(upsampling_matrix(stacked.shape[2], size[0], *rows), tf.float32)
+    up_cols = tf.constant(upsampling_matrix(stacked.shape[3], size[1], *cols), tf.float32)
+    up = tf.einsum("yh,bkhw,xw->bkyx", up_rows, stacked, up_cols)
     top = tf.reduce_max(up, axis=(2, 3), keepdims=True)
     up = tf.math.divide_no_nan(up, top)
     return up.numpy(), probs

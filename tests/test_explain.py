@@ -164,6 +164,37 @@ def test_heatmaps_have_the_input_shape_and_real_values(tiny_run, synth_dir):
     assert np.allclose(probs, np.asarray(net(x, training=False)), atol=1e-5)
 
 
+def test_upsampling_puts_each_cell_at_its_centre():
+    m = E.upsampling_matrix(4, 64, 15.5, 16.0)  # the tiny CNN's 4 x 4 map of a 64 px input
+    assert m.shape == (64, 4) and np.allclose(m.sum(axis=1), 1.0)
+    assert all(m[15 + 16 * j, j] == 1.0 for j in range(4))  # pixels 15, 31, ...: not 8, 24, ...
+    assert m[23, 0] == m[23, 1] == pytest.approx(0.5)  # a plain resize centres cell 1 at 24
+    assert np.allclose(m[:16, 0], 1.0)  # constant before the first centre, as tf.image.resize
+
+
+@pytest.mark.parametrize("size,layer", [(64, ""), (128, "tiny_relu2")])
+def test_feature_grid_is_where_the_receptive_fields_are(size, layer):
+    # TensorFlow's 'same' stride-2 convolutions pad after the image: each one moves the
+    # grid half an input pixel; measured here as the middle of the pixels a cell sees.
+    import tensorflow as tf
+
+    from chexlib.models import build_model
+
+    cams = E.cam_model(build_model("tiny", size), layer)
+    (r0, rstep), (c0, cstep) = E.feature_grid(cams)
+    x = tf.random.normal([4, size, size, 3], seed=0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        features, _ = cams(x, training=False)
+        j = features.shape[1] // 2
+        picked = tf.reduce_sum(features[:, j, j, :])
+    seen = tf.reduce_sum(tf.abs(tape.gradient(picked, x)), axis=(0, 3)).numpy() > 0
+    rows, cols = np.nonzero(seen.any(axis=1))[0], np.nonzero(seen.any(axis=0))[0]
+    assert rstep == cstep == size / features.shape[1]
+    assert (rows.min() + rows.max() + 1) / 2 == r0 + j * rstep
+    assert (cols.min() + cols.max() + 1) / 2 == c0 + j * cstep
+
+
 @pytest.mark.parametrize("model,layer", [("densenet121", "relu"), ("resnet50", "conv5_block3_out")])
 def test_the_last_convolutional_block_of_the_real_models(model, layer):
     from chexlib.models import build_model
