@@ -10,10 +10,15 @@
   one thread, one thread per op). ``limit = cores x single-core rate`` is what
   the CPUs could deliver if every core decoded images all the time; a
   pipeline's ``fraction_of_limit`` says how close it gets.
-* ``keras-sequence``: the peer most reimplementations use (CheXNet-Keras): a
-  ``keras.utils.Sequence`` reading PNGs with PIL, fed by Keras's
-  ``OrderedEnqueuer`` across worker processes, as ``fit(workers=...,
-  use_multiprocessing=True)`` does.
+* The loaders users would pick instead (:mod:`chexlib.bench_peers`):
+  ``keras-sequence`` (a ``keras.utils.Sequence`` with PIL, as CheXNet-Keras)
+  and ``keras-directory`` (Keras's ``image_dataset_from_directory``).
+* CPU milliseconds per image: the process's CPU time over the images it
+  delivered, the cost that decides how many cores an accelerator needs.
+* With ``reference_rates`` (raw PNG): what any user would compute as the
+  limit, measured in the same run: one thread of TensorFlow's ``decode_png``
+  plus a plain bilinear resize, times the cores; and each decoder alone
+  (CPU ms per image, one thread).
 * ``device_rate``: a SIMULATED accelerator that consumes each batch for
   ``batch / rate`` seconds by sleeping (no CPU used), standing in for a GPU
   training at ``rate`` images/s. Utilization = busy time / wall time; input
@@ -32,14 +37,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from chexlib import pipeline
-from chexlib.data import LABELS
+from chexlib.bench_peers import PEERS, keras_directory_batches, peer_batches, png_sequence
+from chexlib.data import MODEL_INPUT_SIZE
 from chexlib.results import environment_info, usable_cores, write_json
 
-BENCH_PIPELINES = ("naive", "optimized", "keras-sequence")
+BENCH_PIPELINES = ("naive", "optimized", *PEERS)
 SIMULATED = "simulated accelerator: sleeps batch/rate seconds per batch, no real device"
 
 
@@ -48,7 +53,7 @@ class BenchConfig:
     """One pipeline measurement.
 
     Attributes:
-        pipeline: ``naive``, ``optimized`` or ``keras-sequence``.
+        pipeline: ``naive``, ``optimized``, ``keras-sequence`` or ``keras-directory``.
         source: ``raw`` (PNG files) or ``records`` (TFRecords, either variant).
         data_dir: dataset folder in the NIH layout (raw source).
         records_dir: TFRecord folder (records source).
@@ -71,6 +76,10 @@ class BenchConfig:
         cache: pipeline cache (None, ``"memory"`` or a folder).
         disable: optimized steps turned off (names in ``pipeline.OPTIMIZED_STEPS``).
         seed: seed of shuffles and flips.
+        png_decoder: PNG decoder of chexlib's pipelines (``auto``,
+            ``tensorflow``, ``libspng``; see :mod:`chexlib.imageops`).
+        reference_rates: also measure the independent limit and the
+            decoders alone (raw source).
     """
 
     pipeline: str = "optimized"
@@ -79,7 +88,7 @@ class BenchConfig:
     records_dir: str | None = None
     split: str = "train"
     batch_size: int = 32
-    image_size: int = 224
+    image_size: int = MODEL_INPUT_SIZE
     model: str = "densenet121"
     warmup_batches: int = 10
     batches: int = 60
@@ -94,6 +103,8 @@ class BenchConfig:
     cache: str | None = None
     disable: tuple[str, ...] = ()
     seed: int = 0
+    png_decoder: str = "auto"
+    reference_rates: bool = False
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -111,8 +122,12 @@ class BenchConfig:
         check(self.source != "raw" or self.data_dir, "source 'raw' needs data_dir")
         check(self.source != "records" or self.records_dir, "source 'records' needs records_dir")
         check(
-            self.pipeline != "keras-sequence" or self.source == "raw",
-            "keras-sequence reads PNG files (source 'raw')",
+            self.pipeline not in PEERS or self.source == "raw",
+            f"{self.pipeline} reads PNG files (source 'raw')",
+        )
+        check(
+            not self.reference_rates or self.source == "raw",
+            "reference rates are measured on PNG files (source 'raw')",
         )
         check(self.batch_size >= 1 and self.image_size >= 8, "batch_size >= 1 and image_size >= 8")
         check(self.windows >= 1 and self.batches >= self.windows, "need batches >= windows >= 1")
@@ -141,6 +156,7 @@ class BenchConfig:
             training=self.split == "train",
             seed=self.seed,
             cache=self.cache,
+            png_decoder=self.png_decoder,
             **pipeline.without_steps(*self.disable),
         )
 
@@ -290,7 +306,9 @@ def single_core_rate(cfg: BenchConfig, metadata=None) -> float:
     metadata = _metadata(cfg, metadata)
     windows = min(3, cfg.single_core_batches)
     batches = windows * max(1, cfg.single_core_batches // windows)
-    if cfg.pipeline == "keras-sequence":  # its own preprocessing, in a plain loop
+    if cfg.pipeline == "keras-directory":  # its own tf.data pipeline, on one thread
+        next_batch, _ = keras_directory_batches(cfg, metadata, single_thread=True)
+    elif cfg.pipeline == "keras-sequence":  # its own preprocessing, in a plain loop
         seq = png_sequence(cfg, metadata)
         state = {"i": 0}
 
@@ -314,96 +332,6 @@ def single_core_rate(cfg: BenchConfig, metadata=None) -> float:
     return statistics.median(timing.window_rates)
 
 
-# --- the peer: a keras.utils.Sequence read with PIL ------------------------------
-
-
-def preprocess_numpy(gray: np.ndarray, image_size: int, model: str, flip: bool) -> np.ndarray:
-    """The peer's preprocessing: PIL bilinear resize, flip, normalise once -> float32 [S, S, 3]."""
-    from PIL import Image
-
-    small = np.asarray(Image.fromarray(gray).resize((image_size, image_size), Image.BILINEAR))
-    if flip:
-        small = small[:, ::-1]
-    scale, offset = pipeline._affine(model)
-    return small[..., None].astype(np.float32) * scale.astype(np.float32) + offset.astype(
-        np.float32
-    )
-
-
-class PngSequence(tf.keras.utils.Sequence):
-    """Batches of PNGs read with PIL (``chexlib.images.read_grayscale``), as CheXNet-Keras does.
-
-    Training order is reshuffled at each epoch end; flips are random per image.
-    """
-
-    def __init__(
-        self,
-        paths,
-        labels,
-        batch_size: int,
-        image_size: int,
-        model: str = "densenet121",
-        training: bool = True,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.float32)
-        self.batch_size, self.image_size, self.model = batch_size, image_size, model
-        self.training, self.seed, self.epoch = training, seed, 0
-        self.order = np.arange(len(self.paths))
-        self.on_epoch_end()
-
-    def __len__(self) -> int:
-        n = len(self.paths)
-        return n // self.batch_size if self.training else math.ceil(n / self.batch_size)
-
-    def __getitem__(self, index: int):
-        from chexlib.images import read_grayscale
-
-        picks = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        flips = rng.random(len(picks)) < 0.5 if self.training else np.zeros(len(picks), bool)
-        images = [
-            preprocess_numpy(read_grayscale(self.paths[i]), self.image_size, self.model, f)
-            for i, f in zip(picks, flips, strict=True)
-        ]
-        return np.stack(images), self.labels[picks]
-
-    def on_epoch_end(self):
-        if self.training:
-            self.epoch += 1
-            self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.paths))
-
-
-def png_sequence(cfg: BenchConfig, metadata) -> PngSequence:
-    rows = pipeline.split_table(metadata, cfg.split)
-    training = cfg.split == "train"
-    if training and len(rows) < cfg.batch_size:
-        raise ValueError(
-            f"split {cfg.split!r} has {len(rows)} images, fewer than one batch of {cfg.batch_size}"
-        )
-    return PngSequence(
-        rows["path"].tolist(),
-        rows[list(LABELS)].to_numpy(),
-        cfg.batch_size,
-        cfg.image_size,
-        cfg.model,
-        training=training,
-        seed=cfg.seed,
-    )
-
-
-def keras_batches(cfg: BenchConfig, metadata):
-    """``(next_batch, stop)`` over a PngSequence fed by Keras's OrderedEnqueuer."""
-    workers = cfg.keras_workers or usable_cores()
-    enqueuer = tf.keras.utils.OrderedEnqueuer(
-        png_sequence(cfg, metadata), use_multiprocessing=cfg.keras_multiprocessing, shuffle=False
-    )  # the Sequence shuffles itself
-    enqueuer.start(workers=workers, max_queue_size=10)
-    generator = enqueuer.get()
-    return (lambda: next(generator)), enqueuer.stop
-
-
 # --- one measurement ---------------------------------------------------------------
 
 
@@ -424,8 +352,8 @@ def measure(
         single_core = single_core_rate(cfg, metadata)
     stop, service = (lambda: None), None
     try:
-        if cfg.pipeline == "keras-sequence":
-            next_batch, stop = keras_batches(cfg, metadata)
+        if cfg.pipeline in PEERS:
+            next_batch, stop = peer_batches(cfg, metadata)
         else:
             if cfg.data_service_workers:
                 from chexlib.dataservice import start_local_service
@@ -447,7 +375,72 @@ def measure(
         stop()
         if service:
             service.stop()
-    return _record(cfg, timing, single_core)
+    record = _record(cfg, timing, single_core)
+    if cfg.reference_rates:
+        record.update(reference_rates(cfg, metadata))
+        limit = record["independent_limit_images_per_sec"]
+        record["fraction_of_independent_limit"] = record["images_per_sec"] / limit
+        fastest = min(record["decoder_ms_per_image"].values())
+        if record["cpu_ms_per_image"]:
+            record["cpu_ms_per_image_over_fastest_decoder"] = record["cpu_ms_per_image"] / fastest
+    return record
+
+
+# --- what any user would compare against ------------------------------------------
+
+
+def reference_rates(cfg: BenchConfig, metadata, decoder_images: int = 48) -> dict:
+    """The independent limit and each PNG decoder alone, measured now on the split's files.
+
+    * independent limit: ``cores x`` the images/s of ONE thread doing
+      TensorFlow's ``decode_png`` + a plain bilinear resize (no antialiasing),
+      the limit any user would compute, independent of chexlib's own recipe;
+    * ``decoder_ms_per_image``: CPU milliseconds per image of each decoder
+      alone (TensorFlow's, and libspng's when installed), one thread, the best
+      of three passes over ``decoder_images`` files held in memory.
+    """
+    from chexlib import spng
+
+    paths = pipeline.split_table(metadata, cfg.split)["path"].tolist()
+    size = [cfg.image_size, cfg.image_size]
+
+    def decode_resize(path):
+        return tf.image.resize(tf.io.decode_png(tf.io.read_file(path), channels=1), size)
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    ds = tf.data.Dataset.from_tensor_slices(paths).repeat().map(decode_resize)
+    iterator = iter(ds.batch(cfg.batch_size).with_options(options))
+    windows = min(3, cfg.single_core_batches)
+    timing = time_batches(
+        lambda: (next(iterator),),
+        warmup=1,
+        batches=windows * max(1, cfg.single_core_batches // windows),
+        windows=windows,
+        min_window_sec=cfg.min_window_sec,
+    )
+    single = statistics.median(timing.window_rates)
+
+    blobs = [Path(p).read_bytes() for p in paths[:decoder_images]]
+    decoders = {"tensorflow": lambda b: tf.io.decode_png(b, channels=1)}
+    if spng.available():
+        decoders["libspng"] = spng.decode_gray8
+    ms = {}
+    for name, decode in decoders.items():
+        decode(blobs[0])  # first call: kernels and libraries loaded
+        passes = []
+        for _ in range(3):
+            start = time.process_time()
+            for b in blobs:
+                decode(b)
+            passes.append((time.process_time() - start) / len(blobs))
+        ms[name] = 1000 * min(passes)
+    return {
+        "independent_single_core_images_per_sec": single,
+        "independent_limit_images_per_sec": usable_cores() * single,
+        "decoder_ms_per_image": ms,
+    }
 
 
 def _record(cfg: BenchConfig, timing: Timing, single_core: float | None) -> dict:
@@ -469,7 +462,11 @@ def _record(cfg: BenchConfig, timing: Timing, single_core: float | None) -> dict
             fraction_of_limit=out["images_per_sec"] / limit,
         )
     out["settings"] = cfg.to_dict()
-    if cfg.pipeline != "keras-sequence":
+    if cfg.pipeline == "keras-sequence":  # its worker processes' CPU time is not ours to count
+        out["cpu_ms_per_image"] = None
+    else:
+        out["cpu_ms_per_image"] = 1000 * timing.cpu_sec / timing.images if timing.images else None
+    if cfg.pipeline not in PEERS:
         settings = pipeline.PipelineConfig(**cfg.pipeline_settings())
         out["pipeline_settings"] = settings.effective(cfg.split).to_dict()
     out["versions"] = env["versions"]
@@ -513,6 +510,17 @@ def describe(result: dict) -> str:
             f"({result['cpu_count']} cores x single core): {result['limit_images_per_sec']:.1f} images/s; "
             f"fraction of limit: {result['fraction_of_limit']:.1%}"
         )
+    if result.get("cpu_ms_per_image"):
+        lines.append(
+            f"  CPU time: {result['cpu_ms_per_image']:.2f} ms per image (all threads of this process)"
+        )
+    if "independent_limit_images_per_sec" in result:
+        decoders = ", ".join(f"{k} {v:.2f}" for k, v in result["decoder_ms_per_image"].items())
+        lines.append(
+            f"  independent limit ({result['cpu_count']} cores x one thread of decode_png + plain "
+            f"bilinear): {result['independent_limit_images_per_sec']:.1f} images/s; fraction: "
+            f"{result['fraction_of_independent_limit']:.1%}; decoders alone (CPU ms/image): {decoders}"
+        )
     if "utilization" in result:
         lines.append(
             f"  [SIMULATED accelerator at {result['device_rate']:.1f} images/s] utilization "
@@ -528,8 +536,8 @@ def describe(result: dict) -> str:
 def _configs(name: str, spec: dict, pipelines, settings: dict) -> list[BenchConfig]:
     out = []
     for p in pipelines:
-        if p == "keras-sequence" and spec["source"] != "raw":
-            continue  # the Sequence reads PNG files only (documented in the notebook)
+        if p in PEERS and spec["source"] != "raw":
+            continue  # the peers read PNG files only (documented in the notebook)
         out.append(
             BenchConfig(
                 pipeline=p,
@@ -544,7 +552,7 @@ def _configs(name: str, spec: dict, pipelines, settings: dict) -> list[BenchConf
 
 def throughput_sweep(
     sources: dict[str, dict],
-    pipelines=("naive", "optimized", "keras-sequence"),
+    pipelines=("naive", "optimized", "keras-sequence", "keras-directory"),
     metadata=None,
     progress: bool = True,
     **settings,
@@ -553,7 +561,7 @@ def throughput_sweep(
 
     Args:
         sources: name -> ``{"source": "raw"|"records", "data_dir": ..., "records_dir": ...}``.
-        pipelines: names from ``BENCH_PIPELINES``; keras-sequence runs on raw sources only.
+        pipelines: names from ``BENCH_PIPELINES``; the peers run on raw sources only.
         metadata: dataset table for raw sources, if loaded.
         **settings: other ``BenchConfig`` fields (batch_size, windows, ...).
 
@@ -565,10 +573,10 @@ def throughput_sweep(
     from tqdm.auto import tqdm
 
     jobs = [(n, c) for n, spec in sources.items() for c in _configs(n, spec, pipelines, settings)]
-    single: dict = {}  # (source name, peer?) -> single-core rate, measured once
+    single: dict = {}  # (source name, peer or None) -> single-core rate, measured once
     rows = []
     for name, cfg in tqdm(jobs, desc="throughput", disable=not progress):
-        key = (name, cfg.pipeline == "keras-sequence")
+        key = (name, cfg.pipeline if cfg.pipeline in PEERS else None)
         if key not in single:
             single[key] = single_core_rate(cfg, metadata)
         rows.append({"source_name": name, **_row(measure(cfg, metadata, single_core=single[key]))})
@@ -590,11 +598,10 @@ def _row(r: dict) -> dict:
         "utilization": r.get("utilization"),
         "stall_fraction": r["stall_fraction"],
         "device_rate": r.get("device_rate"),
+        "png_decoder": r.get("pipeline_settings", {}).get("png_decoder"),
         # CPU time of this process per image (all its threads): what feeding one image
         # costs in core-milliseconds, whatever the number of cores
-        "cpu_ms_per_image": (
-            1000.0 * r["process_cpu_sec"] / r["timed_images"] if r["timed_images"] else None
-        ),
+        "cpu_ms_per_image": r.get("cpu_ms_per_image"),
         "cpu_count": r["cpu_count"],
     }
 
@@ -747,6 +754,7 @@ def _throughput_findings(df) -> list[str]:
         part = df[df["source_name"] == name]
         opt, naive = _pick(part, pipeline="optimized"), _pick(part, pipeline="naive")
         keras = _pick(part, pipeline="keras-sequence")
+        directory = _pick(part, pipeline="keras-directory")
         if opt is None:
             continue
         text = f"- **{name}**: optimized {opt:.0f} images/s"
@@ -757,6 +765,11 @@ def _throughput_findings(df) -> list[str]:
             text += f"; {frac:.0%} of the CPU limit"
         if keras:
             text += f"; {opt / keras:.2f}x the Keras Sequence peer ({keras:.0f})"
+        if directory:
+            text += (
+                f"; {opt / directory:.2f}x Keras's image_dataset_from_directory "
+                f"({directory:.0f}, no antialiasing)"
+            )
         out.append(text + ".")
     opt = df[df["pipeline"] == "optimized"].set_index("source_name")["images_per_sec"]
     if "raw" in opt.index:
@@ -839,7 +852,7 @@ class ProfileConfig:
         n_images: images generated.
         source_size: side of the generated PNGs (NIH: 1024).
         sources: any of ``raw``, ``records-png``, ``records-compact``.
-        pipelines: any of ``naive``, ``optimized``, ``keras-sequence``.
+        pipelines: any of ``naive``, ``optimized``, ``keras-sequence``, ``keras-directory``.
         batch_size, image_size, model: what the pipelines produce.
         warmup_batches: batches before timing.
         batches: timed batches per measurement.
@@ -863,7 +876,7 @@ class ProfileConfig:
     sources: tuple[str, ...] = NOTEBOOK_SOURCES
     pipelines: tuple[str, ...] = BENCH_PIPELINES
     batch_size: int = 32
-    image_size: int = 224
+    image_size: int = MODEL_INPUT_SIZE
     model: str = "densenet121"
     warmup_batches: int = 10
     batches: int = 40
@@ -977,88 +990,6 @@ def table_records(df) -> list[dict]:
     ]
 
 
-# --- make bench: the issue's comparisons ----------------------------------------------
-
-
-def report(results_dir) -> str:
-    """Ratios of the ``make bench`` measurements in ``results_dir`` against their targets."""
-    import json
-
-    results_dir = Path(results_dir)
-    r = {p.stem: json.loads(p.read_text()) for p in results_dir.glob("*.json")}
-    rows: list[tuple[str, str, str, bool | None]] = []
-
-    def ratio(a: str, b: str, label: str, target: float):
-        if a in r and b in r:
-            v = r[a]["images_per_sec"] / r[b]["images_per_sec"]
-            rows.append((label, f"{v:.2f}x", f">= {target}x", v >= target))
-
-    ratio("optimized-raw", "naive-raw", "optimized / naive, raw PNG", 1.8)
-    if "optimized-raw" in r and "fraction_of_limit" in r["optimized-raw"]:
-        f = r["optimized-raw"]["fraction_of_limit"]
-        lim = r["optimized-raw"]["limit_images_per_sec"]
-        rows.append(
-            (f"optimized raw PNG / CPU limit ({lim:.0f} img/s)", f"{f:.1%}", ">= 90%", f >= 0.9)
-        )
-    ratio("optimized-compact", "optimized-raw", "optimized: compact records / raw PNG", 10)
-    ratio("optimized-raw", "keras-raw", "optimized / keras-sequence, raw PNG", 1.0)
-    if "device-optimized" in r and "device-naive" in r:
-        uo, un = r["device-optimized"]["utilization"], r["device-naive"]["utilization"]
-        rate = r["device-optimized"]["device_rate"]
-        rows.append(
-            (
-                f"SIMULATED device at {rate:.0f} img/s: utilization optimized | naive",
-                f"{uo:.1%} | {un:.1%}",
-                ">= 95% | < 95%",
-                uo >= 0.95 and un < 0.95,
-            )
-        )
-    if "optimized-png" in r and "optimized-raw" in r:
-        v = r["optimized-png"]["images_per_sec"] / r["optimized-raw"]["images_per_sec"]
-        rows.append(
-            (
-                "(info) optimized: PNG records / raw PNG",
-                f"{v:.2f}x",
-                "poster +8..13 % (training)",
-                None,
-            )
-        )
-    any_run = next(iter(r.values()), {})
-    s = any_run.get("settings", {})
-    for name in ("naive-raw", "optimized-raw"):
-        if "process_cores_busy" in r.get(name, {}):
-            busy = r[name]["process_cores_busy"]
-            rows.append(
-                (
-                    f"(info) {name}: cores its process kept busy",
-                    f"{busy:.2f}",
-                    f"of {r[name]['cpu_count']}",
-                    None,
-                )
-            )
-    loads = [x for v in r.values() for x in v.get("load_average_1min", [])]
-    if loads:
-        rows.append(
-            (
-                "(info) machine load, 1-min average, min..max",
-                f"{min(loads):.1f}..{max(loads):.1f}",
-                f"< {any_run.get('cpu_count')} (cores) to be clean",
-                None,
-            )
-        )
-    head = (
-        f"make bench: {len(r)} measurements in {results_dir} "
-        f"(batch {s.get('batch_size')}, {s.get('image_size')}px, {any_run.get('cpu_count')} cores; "
-        f"timings are noisy on a shared machine)"
-    )
-    width = max((len(x[0]) for x in rows), default=10)
-    lines = [head, f"{'comparison':<{width}}  {'measured':>15}  {'target':<24} result"]
-    for label, value, target, ok in rows:
-        verdict = "info" if ok is None else ("PASS" if ok else "MISS")
-        lines.append(f"{label:<{width}}  {value:>15}  {target:<24} {verdict}")
-    return "\n".join(lines)
-
-
 # --- command line ---------------------------------------------------------------------
 
 
@@ -1132,6 +1063,18 @@ def add_bench_pipeline_arguments(parser) -> None:
         help="turn off one optimized step (repeatable): an ablation from the command line",
     )
     a("--seed", type=int, default=0, help="seed of shuffles and flips")
+    a(
+        "--png-decoder",
+        choices=("auto", "tensorflow", "libspng"),
+        default="auto",
+        help="PNG decoder of chexlib's pipelines (auto: libspng when installed)",
+    )
+    a(
+        "--reference-rates",
+        action="store_true",
+        help="raw PNG: also measure the independent limit (decode_png + plain bilinear, "
+        "one thread x cores) and each decoder alone",
+    )
     a("--json", default=None, help="write the measurement record here")
 
 
@@ -1151,10 +1094,3 @@ def run_bench_pipeline(args) -> int:
         write_json(args.json, result)
         print(f"  written: {args.json}")
     return 0
-
-
-if __name__ == "__main__":  # python -m chexlib.bench report DIR  (used by tools/bench.sh)
-    if len(sys.argv) == 3 and sys.argv[1] == "report":
-        print(report(sys.argv[2]))
-        sys.exit(0)
-    sys.exit("usage: python -m chexlib.bench report RESULTS_DIR")

@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("chexlib.records", "convert a dataset to sharded TFRecords"),
     "verify-records": ("chexlib.records", "read TFRecords back and check them"),
     "bench-pipeline": ("chexlib.bench", "time an input pipeline alone (no model)"),
+    "bench-report": (
+        "chexlib.bench_report",
+        "print make bench-pipeline's ratios against their targets",
+    ),
     "data-service": ("chexlib.dataservice", "run a tf.data service dispatcher and/or workers"),
     "train": ("chexlib.train", "train CheXNet (run under horovodrun for N ranks)"),
     "explain": ("chexlib.explain", "Grad-CAM heatmaps of a trained run, scored against boxes"),

@@ -54,6 +54,9 @@ CSV_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
+# CheXNet's model input side (224 x 224): the default of training, the pipelines and
+# compact records alike, so records written with defaults are read without a resize.
+MODEL_INPUT_SIZE = 224
 # Columns of the NIH CSV that chexlib reads (the others are carried along untouched).
 _REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from chexlib.data import LABELS, SPLITS, DataError
+from chexlib.data import LABELS, MODEL_INPUT_SIZE, SPLITS, DataError
 from chexlib.imageops import (
     DECODERS,
     decode_png_gray,
@@ -162,7 +162,7 @@ class PipelineConfig:
 
     pipeline: str = "optimized"
     batch_size: int = 32
-    image_size: int = 224
+    image_size: int = MODEL_INPUT_SIZE
     training: bool | None = None
     model: str = "densenet121"
     num_shards: int = 1

@@ -78,7 +78,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexlib.data import LABELS, SPLITS, DataError, load_metadata
+from chexlib.data import LABELS, MODEL_INPUT_SIZE, SPLITS, DataError, load_metadata
 
 VARIANTS = ("png", "compact")
 COMPACT_FORMATS = ("raw", "jpeg")
@@ -372,7 +372,7 @@ class ConvertSettings:
     variant: str = "png"
     images_per_shard: int = 256
     shards: int | None = None
-    size: int = 256
+    size: int = MODEL_INPUT_SIZE
     compact_format: str = DEFAULT_COMPACT_FORMAT
     jpeg_quality: int = 95
     val_fraction: float = 0.1
@@ -801,7 +801,7 @@ def convert(
     images_per_shard: int = 256,
     shards: int | None = None,
     workers: int | None = None,
-    size: int = 256,
+    size: int = MODEL_INPUT_SIZE,
     skip_bad: bool = False,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -822,7 +822,7 @@ def convert(
         shards: shards per split instead of ``images_per_shard``.
         workers: processes writing shards (default: all usable cores); does
             not change the output.
-        size: compact: stored width and height (default 256).
+        size: compact: stored width and height (default 224, the training size).
         skip_bad: leave out missing or corrupt images, listing each with its
             reason in the manifest, instead of stopping at the first.
         val_fraction: validation fraction of train_val, by patient.
@@ -1202,7 +1202,10 @@ def add_convert_arguments(parser) -> None:
         "--workers", type=int, default=None, help="processes writing shards (default: all cores)"
     )
     parser.add_argument(
-        "--size", type=int, default=256, help="compact: stored width and height (default 256)"
+        "--size",
+        type=int,
+        default=MODEL_INPUT_SIZE,
+        help=f"compact: stored width and height (default {MODEL_INPUT_SIZE}, the training input: read without a resize)",
     )
     parser.add_argument(
         "--compact-format",

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexlib.data import LABELS
+from chexlib.data import LABELS, MODEL_INPUT_SIZE
 from chexlib.run_report import auroc_table, history_frame, summary_text
 
 FAULT_ENV = "CHEXLIB_FAULT_INJECT"
@@ -106,7 +106,7 @@ class TrainConfig:
     weights: str = _opt(
         "none | imagenet (Keras cache) | /path/notop.h5 | chexlib run folder", default="none"
     )
-    image_size: int = _opt("input side in pixels", default=224)
+    image_size: int = _opt("input side in pixels", default=MODEL_INPUT_SIZE)
     batch_size: int = _opt("images per batch PER RANK", default=16)
     epochs: int = _opt("epochs in all (a resumed run continues up to this)", default=3)
     steps_per_epoch: int | None = _opt(

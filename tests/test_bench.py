@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from chexlib import bench
 from chexlib.cli import main
@@ -119,6 +120,43 @@ def test_keras_sequence_peer_reads_the_same_files(synth_dir, synth_metadata):
     )
 
 
+def test_keras_directory_peer_is_keras_own_loader_over_the_split_folder(synth_dir, synth_metadata):
+    from chexlib.bench_peers import image_folder, keras_directory_dataset
+
+    cfg = bench.BenchConfig(pipeline="keras-directory", data_dir=str(synth_dir), **TINY)
+    folder = image_folder(cfg, synth_metadata)
+    assert all(p.startswith(folder) for p in synth_metadata["path"])
+    images = next(iter(keras_directory_dataset(cfg, synth_metadata)))
+    assert images.shape == (4, 32, 32, 1) and images.dtype == tf.float32  # no normalisation
+    r = bench.measure(cfg, synth_metadata)
+    assert r["pipeline"] == "keras-directory" and r["images_per_sec"] > 0
+    assert r["cpu_ms_per_image"] > 0 and r["single_core_images_per_sec"] > 0
+    with pytest.raises(ValueError, match="reads PNG files"):
+        bench.BenchConfig(pipeline="keras-directory", source="records", records_dir="x")
+
+
+def test_reference_rates_measure_the_independent_limit_and_each_decoder(synth_dir, synth_metadata):
+    from chexlib import spng
+
+    cfg = bench.BenchConfig(
+        pipeline="optimized", data_dir=str(synth_dir), reference_rates=True, **TINY
+    )
+    r = bench.measure(cfg, synth_metadata)
+    assert r["independent_limit_images_per_sec"] == pytest.approx(
+        r["cpu_count"] * r["independent_single_core_images_per_sec"]
+    )
+    assert r["fraction_of_independent_limit"] == pytest.approx(
+        r["images_per_sec"] / r["independent_limit_images_per_sec"]
+    )
+    decoders = r["decoder_ms_per_image"]
+    assert set(decoders) == ({"tensorflow", "libspng"} if spng.available() else {"tensorflow"})
+    assert all(v > 0 for v in decoders.values())
+    assert r["cpu_ms_per_image_over_fastest_decoder"] == pytest.approx(
+        r["cpu_ms_per_image"] / min(decoders.values())
+    )
+    assert "independent limit" in bench.describe(r)
+
+
 def test_cli_bench_pipeline_writes_json(synth_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(
@@ -196,7 +234,7 @@ def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata):
     assert df["limit_images_per_sec"].nunique() == 1  # one single-core measurement for all
 
 
-def _fake_results(tmp_path):
+def _fake_results(tmp_path, **changes):
     def rec(pipeline, ips, **extra):
         return {
             "pipeline": pipeline,
@@ -209,23 +247,61 @@ def _fake_results(tmp_path):
     files = {
         "naive-raw": rec("naive", 100.0),
         "optimized-raw": rec(
-            "optimized", 190.0, fraction_of_limit=0.95, limit_images_per_sec=200.0
+            "optimized",
+            190.0,
+            fraction_of_limit=0.95,
+            limit_images_per_sec=200.0,
+            single_core_images_per_sec=100.0,
+            fraction_of_independent_limit=0.92,
+            independent_limit_images_per_sec=206.5,
+            cpu_ms_per_image=5.0,
+            decoder_ms_per_image={"tensorflow": 6.0, "libspng": 4.5},
+            cpu_ms_per_image_over_fastest_decoder=5.0 / 4.5,
         ),
-        "optimized-compact": rec("optimized", 2500.0),
+        "optimized-compact": rec("optimized", 2500.0, cpu_ms_per_image=0.3),
         "keras-raw": rec("keras-sequence", 150.0),
-        "device-naive": rec("naive", 60.0, utilization=0.45, device_rate=140.0),
-        "device-optimized": rec("optimized", 139.0, utilization=0.99, device_rate=140.0),
+        "keras-directory-raw": rec("keras-directory", 160.0),
+        "device-naive": rec("naive", 60.0, utilization=0.45, device_rate=150.0),
+        "device-optimized": rec("optimized", 139.0, utilization=0.99, device_rate=150.0),
     }
+    for name, change in changes.items():
+        files[name.replace("_", "-")].update(change)
     for name, r in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     return tmp_path
 
 
 def test_report_prints_each_ratio_with_its_target(tmp_path):
-    text = bench.report(_fake_results(tmp_path))
+    from chexlib.bench_report import report
+
+    text = report(_fake_results(tmp_path))
     assert "1.90x" in text and ">= 1.8x" in text
-    assert "95.0%" in text and "13.16x" in text and "SIMULATED" in text
-    assert "MISS" not in text and text.count("PASS") == 5
+    assert "92.0%" in text and "1.11x" in text and "<= 1.2x" in text
+    assert "13.16x" in text and "0.30" in text and "1.19x" in text  # compact, keras-directory
+    assert "SIMULATED" in text and "1.50x single core" in text
+    assert "MISS" not in text and text.count("PASS") == 8
+
+
+def test_report_says_miss_when_a_target_is_missed(tmp_path):
+    from chexlib.bench_report import report
+
+    slow = {"cpu_ms_per_image": 7.0, "cpu_ms_per_image_over_fastest_decoder": 7.0 / 4.5}
+    text = report(
+        _fake_results(tmp_path, optimized_raw=slow, keras_directory_raw={"images_per_sec": 180.0})
+    )
+    misses = [line for line in text.splitlines() if line.endswith("MISS")]
+    assert len(misses) == 2, text
+    assert any("image_dataset_from_directory" in m for m in misses)
+    assert any("CPU ms/image" in m for m in misses)
+
+
+def test_bench_report_command_needs_records(tmp_path, capsys):
+    from chexlib.cli import main
+
+    assert main(["bench-report", str(tmp_path)]) == 2
+    assert "no *.json" in capsys.readouterr().err
+    assert main(["bench-report", str(_fake_results(tmp_path))]) == 0
+    assert "PASS" in capsys.readouterr().out
 
 
 def test_conclusion_is_computed_from_the_numbers():

@@ -20,7 +20,9 @@ needs_spng = pytest.mark.skipif(not spng.available(), reason=spng.unavailable_re
 def radiographs() -> list[bytes]:
     """Three generated 1024 x 1024 radiographs (NIH's size), as PNG bytes."""
     findings = [(), ("Mass", "Effusion"), ("Cardiomegaly",)]
-    return [encode_png(render_image(f, 1024, 3, i, i + 1, "PA", "M")) for i, f in enumerate(findings)]
+    return [
+        encode_png(render_image(f, 1024, 3, i, i + 1, "PA", "M")) for i, f in enumerate(findings)
+    ]
 
 
 def _reference(encoded: bytes, size: int) -> np.ndarray:
@@ -121,8 +123,16 @@ def test_libspng_decodes_without_holding_the_gil():
 
 @pytest.mark.parametrize(
     ("height", "width", "size", "factor"),
-    [(1024, 1024, 224, 4), (1024, 1024, 256, 4), (1024, 1024, 512, 2), (1000, 1000, 224, 4),
-     (1023, 1023, 224, 3), (1021, 1021, 224, 1), (224, 224, 224, 1), (100, 100, 224, 1)],
+    [
+        (1024, 1024, 224, 4),
+        (1024, 1024, 256, 4),
+        (1024, 1024, 512, 2),
+        (1000, 1000, 224, 4),
+        (1023, 1023, 224, 3),
+        (1021, 1021, 224, 1),
+        (224, 224, 224, 1),
+        (100, 100, 224, 1),
+    ],
 )
 def test_box_factor_is_the_largest_whole_divisor_keeping_the_size(height, width, size, factor):
     assert imageops.box_factor(height, width, size) == factor

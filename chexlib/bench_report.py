@@ -1,0 +1,185 @@
+"""``chexlib bench-report DIR``: the ratios of ``make bench-pipeline`` against their targets.
+
+``tools/bench.sh`` writes one JSON record per measurement (``chexlib
+bench-pipeline --json``) into a folder; this module reads them back and
+prints each comparison measured side by side in that run, its target and
+PASS or MISS. It never starts TensorFlow.
+
+Targets (issue 15 and the pipeline issue before it):
+
+* optimized / naive on raw PNG >= 1.8x;
+* optimized raw PNG >= 90 % of the INDEPENDENT limit (cores x one thread of
+  ``decode_png`` + plain bilinear resize, measured in the same run);
+* its CPU milliseconds per image <= 1.2 x the fastest PNG decoder alone;
+* compact records (written at the default size) >= 10x raw PNG, and each
+  read <= 0.5 CPU ms per image;
+* optimized raw PNG >= 1.1x Keras's ``image_dataset_from_directory`` (which
+  does not antialias) and >= 1x the Keras Sequence peer;
+* a SIMULATED device at 1.5x the single-core rate kept >= 95 % busy by the
+  optimized pipeline, < 95 % by the naive one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+Row = tuple[str, str, str, "bool | None"]
+
+
+def load_results(results_dir) -> dict[str, dict]:
+    """``{measurement name: record}`` of every ``*.json`` in ``results_dir``."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))}
+
+
+def comparisons(r: dict[str, dict]) -> list[Row]:
+    """(label, measured, target, passed or None for information) for what ``r`` holds."""
+    rows: list[Row] = []
+
+    def rate(name: str) -> float | None:
+        return r.get(name, {}).get("images_per_sec")
+
+    def ratio(a: str, b: str, label: str, target: float):
+        if rate(a) and rate(b):
+            v = rate(a) / rate(b)
+            rows.append((label, f"{v:.2f}x", f">= {target}x", v >= target))
+
+    opt = r.get("optimized-raw", {})
+    ratio("optimized-raw", "naive-raw", "optimized / naive, raw PNG", 1.8)
+    if "fraction_of_independent_limit" in opt:
+        f, lim = opt["fraction_of_independent_limit"], opt["independent_limit_images_per_sec"]
+        rows.append(
+            (
+                f"optimized raw PNG / independent limit ({lim:.0f} img/s)",
+                f"{f:.1%}",
+                ">= 90%",
+                f >= 0.9,
+            )
+        )
+    if "cpu_ms_per_image_over_fastest_decoder" in opt:
+        ms = opt["decoder_ms_per_image"]
+        fastest = min(ms, key=ms.get)
+        v = opt["cpu_ms_per_image_over_fastest_decoder"]
+        rows.append(
+            (
+                f"optimized raw PNG CPU ms/image ({opt['cpu_ms_per_image']:.2f}) / {fastest} alone ({ms[fastest]:.2f})",
+                f"{v:.2f}x",
+                "<= 1.2x",
+                v <= 1.2,
+            )
+        )
+    ratio(
+        "optimized-compact",
+        "optimized-raw",
+        "optimized: compact records (default size) / raw PNG",
+        10,
+    )
+    compact_ms = r.get("optimized-compact", {}).get("cpu_ms_per_image")
+    if compact_ms:
+        rows.append(
+            (
+                "compact records: CPU ms per image read",
+                f"{compact_ms:.2f}",
+                "<= 0.5",
+                compact_ms <= 0.5,
+            )
+        )
+    ratio(
+        "optimized-raw",
+        "keras-directory-raw",
+        "optimized / keras image_dataset_from_directory, raw PNG",
+        1.1,
+    )
+    ratio("optimized-raw", "keras-raw", "optimized / keras-sequence, raw PNG", 1.0)
+    if "device-optimized" in r and "device-naive" in r:
+        uo, un = r["device-optimized"]["utilization"], r["device-naive"]["utilization"]
+        dev_rate = r["device-optimized"]["device_rate"]
+        single = opt.get("single_core_images_per_sec")
+        times = f" = {dev_rate / single:.2f}x single core" if single else ""
+        rows.append(
+            (
+                f"SIMULATED device at {dev_rate:.0f} img/s{times}: utilization optimized | naive",
+                f"{uo:.1%} | {un:.1%}",
+                ">= 95% | < 95%",
+                uo >= 0.95 and un < 0.95,
+            )
+        )
+    rows.extend(_information(r))
+    return rows
+
+
+def _information(r: dict[str, dict]) -> list[Row]:
+    rows: list[Row] = []
+    opt = r.get("optimized-raw", {})
+    if "fraction_of_limit" in opt:
+        rows.append(
+            (
+                f"(info) optimized raw PNG / chexlib's own limit ({opt['limit_images_per_sec']:.0f} img/s)",
+                f"{opt['fraction_of_limit']:.1%}",
+                "its own recipe on one thread x cores",
+                None,
+            )
+        )
+    if "optimized-png" in r and "optimized-raw" in r:
+        v = r["optimized-png"]["images_per_sec"] / opt["images_per_sec"]
+        rows.append(
+            (
+                "(info) optimized: PNG records / raw PNG",
+                f"{v:.2f}x",
+                "poster +8..13 % (training)",
+                None,
+            )
+        )
+    for name in ("naive-raw", "optimized-raw", "keras-directory-raw"):
+        rec = r.get(name, {})
+        if rec.get("cpu_ms_per_image"):
+            rows.append(
+                (
+                    f"(info) {name}: CPU ms per image | cores kept busy",
+                    f"{rec['cpu_ms_per_image']:.2f} | {rec.get('process_cores_busy', float('nan')):.2f}",
+                    f"of {rec['cpu_count']} cores",
+                    None,
+                )
+            )
+    loads = [x for v in r.values() for x in v.get("load_average_1min", [])]
+    if loads:
+        cores = next(iter(r.values())).get("cpu_count")
+        rows.append(
+            (
+                "(info) machine load, 1-min average, min..max",
+                f"{min(loads):.1f}..{max(loads):.1f}",
+                f"< {cores} (cores) to be clean",
+                None,
+            )
+        )
+    return rows
+
+
+def report(results_dir) -> str:
+    """The comparison table of the measurements in ``results_dir``."""
+    r = load_results(results_dir)
+    any_run = next(iter(r.values()), {})
+    s = any_run.get("settings", {})
+    rows = comparisons(r)
+    head = (
+        f"make bench-pipeline: {len(r)} measurements in {results_dir} "
+        f"(batch {s.get('batch_size')}, {s.get('image_size')}px, {any_run.get('cpu_count')} cores; "
+        f"timings are noisy on a shared machine)"
+    )
+    width = max((len(x[0]) for x in rows), default=10)
+    lines = [head, f"{'comparison':<{width}}  {'measured':>15}  {'target':<24} result"]
+    for label, value, target, ok in rows:
+        verdict = "info" if ok is None else ("PASS" if ok else "MISS")
+        lines.append(f"{label:<{width}}  {value:>15}  {target:<24} {verdict}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("results_dir", help="folder of chexlib bench-pipeline --json records")
+
+
+def run(args) -> int:
+    if not load_results(args.results_dir):
+        raise FileNotFoundError(f"{args.results_dir}: no *.json measurement records")
+    print(report(args.results_dir))
+    return 0
