@@ -130,45 +130,6 @@ def decode_png_reduced(encoded: tf.Tensor, size: int, decoder: str = "tensorflow
     return _by_layout(encoded, with_spng, lambda: box_reduce(decode_png_gray(encoded), size))
 
 
-def read_png_reduced(path: tf.Tensor, size: int, decoder: str = "tensorflow") -> tf.Tensor:
-    """A PNG file -> ``float32 [H/f, W/f, 1]``, as ``decode_png_reduced(tf.io.read_file(path))``.
-
-    With libspng, reading, decoding and the box reduction are one Python call:
-    the file's bytes never become a TensorFlow string (measured: about 0.2 ms
-    per 1024 px image less than reading with ``tf.io.read_file``). A file that
-    is not an 8-bit grey PNG, or cannot be opened, is read again by
-    TensorFlow, whose decoder and errors (``NotFoundError`` naming the file)
-    then apply.
-    """
-    if resolve_decoder(decoder) == "tensorflow":
-        return decode_png_reduced(tf.io.read_file(path), size, "tensorflow")
-
-    def read_decode(name) -> np.ndarray:
-        try:
-            with open(_as_str(name), "rb") as fh:
-                data = fh.read()
-        except OSError:
-            return np.zeros((0, 0), np.float32)  # TensorFlow reads it and reports the error
-        if not spng.is_gray8(data):
-            return np.zeros((0, 0), np.float32)
-        return box_reduce_numpy(spng.decode_gray8(data), size)
-
-    small = tf.numpy_function(read_decode, [path], tf.float32, stateful=False)
-    small = tf.ensure_shape(small, [None, None])
-    return tf.cond(
-        tf.size(small) > 0,
-        lambda: small[..., tf.newaxis],
-        lambda: decode_png_reduced(tf.io.read_file(path), size, "tensorflow"),
-    )
-
-
-def _as_str(name) -> str:
-    """A file name from ``tf.numpy_function`` (bytes or a 0-d byte-string array)."""
-    if isinstance(name, np.ndarray):
-        name = name.item()
-    return name.decode() if isinstance(name, bytes) else str(name)
-
-
 def _by_layout(encoded: tf.Tensor, gray8, other) -> tf.Tensor:
     """``gray8()`` for an 8-bit grey PNG (header bytes 24-25), ``other()`` for anything else."""
     head = tf.strings.substr(tf.strings.substr(encoded, 0, 26, unit="BYTE") + b"\0" * 26, 24, 2)

@@ -56,7 +56,6 @@ from chexlib.imageops import (
     DECODERS,
     decode_png_gray,
     decode_png_reduced,
-    read_png_reduced,
     resize_gray,
     resolve_decoder,
 )
@@ -518,7 +517,7 @@ def _raw_decoder(cfg: PipelineConfig):
     size, png_decoder = cfg.image_size, cfg.png_decoder
 
     def decode(path, labels, name):
-        return read_png_reduced(path, size, png_decoder), labels, name
+        return decode_png_reduced(tf.io.read_file(path), size, png_decoder), labels, name
 
     return decode
 

@@ -154,18 +154,3 @@ def test_unknown_or_unavailable_decoders_are_named():
     with pytest.raises(ValueError, match="png decoder must be one of"):
         imageops.resolve_decoder("pillow")
     assert imageops.resolve_decoder("auto") in ("libspng", "tensorflow")
-
-
-@needs_spng
-def test_reading_a_file_with_libspng_equals_decoding_its_bytes(radiographs, tmp_path):
-    gray8 = tmp_path / "gray8.png"
-    gray8.write_bytes(radiographs[1])
-    rgb = tmp_path / "rgb.png"
-    rgb.write_bytes(_png(np.random.default_rng(4).integers(0, 256, (600, 500, 3), np.uint8), "RGB"))
-    read = tf.function(lambda p: imageops.read_png_reduced(p, 224, "libspng"))
-    for path in (gray8, rgb):
-        expected = imageops.decode_png_reduced(path.read_bytes(), 224, "tensorflow").numpy()
-        np.testing.assert_array_equal(read(tf.constant(str(path))).numpy(), expected)
-    missing = str(tmp_path / "gone.png")
-    with pytest.raises(tf.errors.NotFoundError, match="gone.png"):  # TensorFlow's own error
-        read(tf.constant(missing))
