@@ -154,3 +154,44 @@ def test_unknown_or_unavailable_decoders_are_named():
     with pytest.raises(ValueError, match="png decoder must be one of"):
         imageops.resolve_decoder("pillow")
     assert imageops.resolve_decoder("auto") in ("libspng", "tensorflow")
+
+
+EXIT_WHILE_BUSY = """
+import sys
+import tensorflow as tf
+from chexlib import imageops
+paths = sys.argv[1:]
+ds = tf.data.Dataset.from_tensor_slices(paths).repeat().map(
+    lambda p: imageops.decode_png_reduced(tf.io.read_file(p), 224, "libspng"),
+    num_parallel_calls=tf.data.AUTOTUNE).batch(8).prefetch(tf.data.AUTOTUNE)
+iterator = iter(ds)
+next(iterator)
+print("leaving with the pipeline busy", flush=True)
+"""
+
+
+@needs_spng
+def test_a_process_exits_while_its_libspng_pipeline_is_busy(radiographs, tmp_path):
+    # without the exit drain the interpreter's finalization waits forever for
+    # tf.numpy_function calls that can no longer take the GIL (3 hangs in 3 runs)
+    import subprocess
+    import sys
+
+    paths = []
+    for i, encoded in enumerate(radiographs):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encoded)
+        paths.append(str(path))
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_WHILE_BUSY, *paths],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "leaving with the pipeline busy" in done.stdout
+
+
+def test_drain_returns_at_once_when_nothing_runs():
+    assert imageops.drain_python_calls(quiet_sec=0.0, limit_sec=1.0)
