@@ -19,7 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from chexlib import launch
+from chexlib import launch, ranklog
 from chexlib.study import SpecError, load_spec
 
 # The ranks cannot import this test module: its functions travel by value.
@@ -55,7 +55,7 @@ def _talk_then_sleep(seconds: float) -> int:
 
 def test_rank_log_shortens_prefixes_and_keeps_partial_lines_apart(tmp_path):
     out = Stamped()
-    with launch.RankLog(tmp_path / "ranks.log", stream=out, header="unit") as log:
+    with ranklog.RankLog(tmp_path / "ranks.log", stream=out, header="unit") as log:
         log.write("[1]<stdout>:hal")
         other = threading.Thread(target=log.write, args=("[0]<stderr>:whole line\n",))
         other.start()
@@ -90,7 +90,7 @@ def test_log_output_defaults_to_the_environment_and_the_spec_is_checked(tmp_path
 @pytest.mark.slow
 def test_horovod_run_ranks_lines_reach_stdout_as_they_come(tmp_path):
     out = Stamped()
-    with launch.RankLog(tmp_path / "ranks.log", stream=out) as log:
+    with ranklog.RankLog(tmp_path / "ranks.log", stream=out) as log:
         results = launch.run_function(_talk_then_sleep, args=(3.0,), np=2, timeout=120, log=log)
         returned = time.monotonic()
     assert results == [0, 1]
@@ -120,7 +120,7 @@ def test_ipyparallel_engines_lines_reach_stdout_as_they_come(tmp_path):
     out = Stamped()
     with (
         launch.HorovodCluster(n=2) as cluster,
-        launch.RankLog(tmp_path / "r.log", stream=out) as log,
+        ranklog.RankLog(tmp_path / "r.log", stream=out) as log,
     ):
         assert cluster.run(exec, ENGINE_TALK, timeout=120, log=log) == {0: None, 1: None}
         returned = time.monotonic()
