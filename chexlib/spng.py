@@ -56,7 +56,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             "spng_ctx_new": ([c_int], c_void_p),
             "spng_ctx_free": ([c_void_p], None),
             "spng_set_crc_action": ([c_void_p, c_int, c_int], c_int),
-            "spng_set_png_buffer": ([c_void_p, ctypes.c_char_p, c_size_t], c_int),
+            "spng_set_png_buffer": ([c_void_p, c_void_p, c_size_t], c_int),
             "spng_get_ihdr": ([c_void_p, ctypes.POINTER(_Ihdr)], c_int),
             "spng_decode_image": ([c_void_p, c_void_p, c_size_t, c_int, c_int], c_int),
             "spng_strerror": ([c_int], ctypes.c_char_p),
@@ -79,19 +79,22 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def _as_bytes(data) -> bytes:
-    """``bytes``, also from the 0-d byte-string array ``tf.numpy_function`` passes."""
-    return data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+def _as_buffer(data) -> np.ndarray:
+    """The PNG's bytes as a 1-d ``uint8`` array, without a copy: from ``bytes`` or
+    from the 0-d byte-string array ``tf.numpy_function`` passes."""
+    if isinstance(data, np.ndarray):
+        return data if data.dtype == np.uint8 else data.reshape(1).view(np.uint8)
+    return np.frombuffer(data, np.uint8)
 
 
-def is_gray8(data: bytes) -> bool:
+def is_gray8(data) -> bool:
     """True for a PNG whose header says 8-bit greyscale (colour type 0)."""
-    data = _as_bytes(data)
+    head = _as_buffer(data)[:26].tobytes()
     # signature (8), IHDR length and type (8), width (4), height (4), bit depth, colour type
-    return len(data) >= 26 and data[:8] == _PNG_SIGNATURE and data[24] == 8 and data[25] == 0
+    return len(head) == 26 and head[:8] == _PNG_SIGNATURE and head[24] == 8 and head[25] == 0
 
 
-def decode_gray8(data: bytes) -> np.ndarray:
+def decode_gray8(data) -> np.ndarray:
     """An 8-bit grey PNG -> ``uint8 [H, W]``, the GIL released while libspng decodes.
 
     Raises:
@@ -101,15 +104,15 @@ def decode_gray8(data: bytes) -> np.ndarray:
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"libspng is not available: {why}")
-    data = _as_bytes(data)
-    if not is_gray8(data):
+    buffer = _as_buffer(data)  # read in place: libspng gets its address
+    if not is_gray8(buffer):
         raise ValueError("not an 8-bit greyscale PNG")
     ctx = lib.spng_ctx_new(0)
     if not ctx:
         raise MemoryError("libspng could not allocate a decoder")
     try:
         _check(lib, lib.spng_set_crc_action(ctx, _CRC_USE, _CRC_USE))
-        _check(lib, lib.spng_set_png_buffer(ctx, data, len(data)))
+        _check(lib, lib.spng_set_png_buffer(ctx, buffer.ctypes.data, buffer.nbytes))
         ihdr = _Ihdr()
         _check(lib, lib.spng_get_ihdr(ctx, ctypes.byref(ihdr)))
         out = np.empty((ihdr.height, ihdr.width), np.uint8)
