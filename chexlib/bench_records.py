@@ -1,7 +1,7 @@
 """Measuring TFRecord conversion: parallel speed-up, bytes on disk, and decode cost.
 
 Benchmarks, not tests: they print numbers measured side by side in one run.
-``python -m chexlib.bench_records DATA_DIR`` converts the dataset with each
+``chexlib bench-records DATA_DIR`` converts the dataset with each
 variant at 1 and at N workers into fresh folders and prints a table (seconds,
 images/s, speed-up, bytes on disk against the raw PNG folder, TensorFlow
 decode cost per image); ``--formats`` adds the raw-vs-JPEG comparison that
@@ -91,7 +91,7 @@ def _time_map(items: list, fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def decode_cost(source, size: int = 256, n: int = 200, repeats: int = 3) -> float:
+def decode_cost(source, size: int = records.MODEL_INPUT_SIZE, n: int = 200, repeats: int = 3) -> float:
     """Milliseconds per image to turn stored bytes into a ``size`` x ``size`` uint8 image.
 
     ``source`` is a records folder (its train records) or a dataset folder (its
@@ -125,7 +125,7 @@ def decode_cost(source, size: int = 256, n: int = 200, repeats: int = 3) -> floa
 
 
 def compare_compact_formats(
-    data_dir, n: int = 200, size: int = 256, jpeg_quality: int = 95
+    data_dir, n: int = 200, size: int = records.MODEL_INPUT_SIZE, jpeg_quality: int = 95
 ) -> pd.DataFrame:
     """Raw uint8 vs JPEG for compact records: TF decode ms/image, bytes/image, PSNR.
 
@@ -272,7 +272,7 @@ class ConversionStudy:
     variants: tuple = ("png", "compact")
     images_per_shard: int = 256
     workers: tuple = (1, 2)
-    compact_size: int = 256
+    compact_size: int = records.MODEL_INPUT_SIZE
     decode_samples: int = 200
     repeats: int = 1
 
@@ -333,10 +333,7 @@ def run_study(study: ConversionStudy, progress: bool = True) -> tuple[pd.DataFra
     return conversion_table(runs, raw_png_bytes(study.data_dir), decode_ms), runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m chexlib.bench_records", description=__doc__.splitlines()[0]
-    )
+def add_arguments(parser) -> None:
     parser.add_argument(
         "data_dir", help="dataset folder (e.g. from `chexlib synth --images 400 --size 1024`)"
     )
@@ -352,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images-per-shard", type=int, default=32, help="records per shard (default 32)"
     )
-    parser.add_argument("--size", type=int, default=256, help="compact size (default 256)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=records.MODEL_INPUT_SIZE,
+        help=f"compact size (default {records.MODEL_INPUT_SIZE}, the training input)",
+    )
     parser.add_argument(
         "--decode-samples", type=int, default=200, help="records timed for decode cost (0: skip)"
     )
@@ -362,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="conversions per configuration (median; default 3)"
     )
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
+    """``chexlib bench-records``: convert with each variant and worker count, time it."""
     study = ConversionStudy(
         args.data_dir,
         args.work_dir,
@@ -394,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             ).round(3)
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="chexlib bench-records", description=__doc__.splitlines()[0]
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

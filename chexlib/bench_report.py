@@ -1,4 +1,8 @@
-"""``chexlib bench-report DIR``: the ratios of ``make bench-pipeline`` against their targets.
+"""``chexlib bench-report``: the ratios of ``make bench`` against their targets.
+
+``chexlib bench-report DIR`` reads the pipeline half (``make bench-pipeline``);
+``chexlib bench-report DIR --runs RUN...`` the training half (``make
+bench-train``: each run's real images/s against its paired synthetic windows).
 
 ``tools/bench.sh`` writes one JSON record per measurement (``chexlib
 bench-pipeline --json``) into a folder; this module reads them back and
@@ -174,11 +178,89 @@ def report(results_dir) -> str:
     return "\n".join(lines)
 
 
+# --- the training half: make bench-train ---------------------------------------------
+
+TRAIN_TARGET = 0.97  # real data >= 97 % of the paired synthetic-data rate
+
+
+def train_table(run_dirs):
+    """One row per training run: real images/s, paired synthetic, their ratio, against 1 rank.
+
+    Runs whose ranks lack a (real, synthetic) window pair are left out and named.
+    Returns ``(table, messages)``.
+    """
+    import pandas as pd  # only the training half needs it
+
+    rows, messages = [], []
+    for run in sorted(str(r) for r in run_dirs):
+        path = Path(run) / "metrics.json"
+        m = json.loads(path.read_text())
+        pairs = [p for p in m.get("paired_synthetic") or [] if p["pairs"]]
+        if len(pairs) != m["ranks"]:
+            messages.append(
+                f"{path.parent.name}: a rank has no (real, synthetic) window pair; more steps needed"
+            )
+            continue
+        rows.append(
+            {
+                "model": m["model"],
+                "input": path.parent.name.split("-", 1)[1].rsplit("-np", 1)[0],
+                "ranks": m["ranks"],
+                "real_img_s": m["images_per_sec"],
+                "synthetic_img_s": sum(p["synthetic_median"] for p in pairs),
+                "real_over_synthetic": m["fraction_of_synthetic_paired"],
+                "pair_min": min(p["ratio_min"] for p in pairs),
+                "pair_max": max(p["ratio_max"] for p in pairs),
+                "pairs": sum(p["pairs"] for p in pairs),
+            }
+        )
+    t = pd.DataFrame(rows)
+    if t.empty:
+        return t, messages
+    one = t[t["ranks"] == 1].set_index(["model", "input"])["real_img_s"]
+    t["vs_1_rank"] = [
+        r.real_img_s / one.get((r.model, r.input), float("nan")) for r in t.itertuples()
+    ]
+    return t.sort_values(["model", "ranks", "input"]), messages
+
+
+def train_report(out_dir, run_dirs) -> str:
+    """The training table of ``run_dirs`` and each run's verdict; writes ``out_dir/summary.csv``."""
+    t, lines = train_table(run_dirs)
+    if t.empty:
+        return "\n".join([*lines, "no training run with paired windows"])
+    lines.append(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    csv = Path(out_dir) / "summary.csv"
+    t.to_csv(csv, index=False)
+    lines.append("")
+    for r in t[t["input"] != "naive-raw"].itertuples():
+        verdict = "meets" if r.real_over_synthetic >= TRAIN_TARGET else "MISSES"
+        lines.append(
+            f"{r.model}, {r.ranks} rank(s), {r.input}: real = {r.real_over_synthetic:.1%} of "
+            f"synthetic (pairs {r.pair_min:.1%}..{r.pair_max:.1%}; {verdict} the "
+            f">= {TRAIN_TARGET:.0%} target)"
+        )
+    lines.append(
+        "ranks on one machine share its cores: 'vs_1_rank' is an overhead check, not scaling."
+    )
+    lines.append(f"summary: {csv}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("results_dir", help="folder of chexlib bench-pipeline --json records")
+    parser.add_argument(
+        "results_dir",
+        help="folder of chexlib bench-pipeline --json records (with --runs: where summary.csv goes)",
+    )
+    parser.add_argument(
+        "--runs", nargs="+", default=None, help="training run folders of make bench-train"
+    )
 
 
 def run(args) -> int:
+    if args.runs:
+        print(train_report(args.results_dir, args.runs))
+        return 0
     if not load_results(args.results_dir):
         raise FileNotFoundError(f"{args.results_dir}: no *.json measurement records")
     print(report(args.results_dir))

@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("chexlib.records", "convert a dataset to sharded TFRecords"),
     "verify-records": ("chexlib.records", "read TFRecords back and check them"),
     "bench-pipeline": ("chexlib.bench", "time an input pipeline alone (no model)"),
+    "bench-records": (
+        "chexlib.bench_records",
+        "time TFRecord conversion per variant and worker count",
+    ),
     "bench-report": (
         "chexlib.bench_report",
         "print make bench-pipeline's ratios against their targets",

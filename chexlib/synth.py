@@ -78,7 +78,7 @@ CSV_NAME = "Data_Entry_2017.csv"
 MANIFEST = "synth.json"
 # Bump when the bytes written for the same arguments change, so an old
 # output directory is not mistaken for a current one.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # The real header: the bracketed pairs are split into two columns each, and
 # the line ends with a comma (an empty twelfth column).
 CSV_HEADER: tuple[str, ...] = (
@@ -315,8 +315,8 @@ def split_by_patient(meta: pd.DataFrame, test_fraction: float, seed: int = 0) ->
 # Where each localised finding sits, in image coordinates (x right, y down;
 # the patient's right lung is on the image's left).
 _PLACES: dict[str, tuple[float, float]] = {
-    "Fibrosis": (0.35, 0.24),
-    "Mass": (0.35, 0.35),
+    "Fibrosis": (0.31, 0.3),
+    "Mass": (0.37, 0.4),
     "Edema": (0.39, 0.47),  # and its mirror image: a bilateral pattern
     "Pneumonia": (0.24, 0.45),
     "Atelectasis": (0.33, 0.63),
@@ -357,16 +357,26 @@ class _Canvas:
         self.spots = draws["spots"]  # offsets of Infiltration's spots
         self.lungs = self.left = None
         self.wall = 0.0
+        self.lung = (0.3, 0.5, 0.14, 0.3)  # image-left lung: centre x, y and half-width, height
 
     def gauss(self, cx, cy, sx, sy):
         return np.exp(-0.5 * (((self.u - cx) / sx) ** 2 + ((self.v - cy) / sy) ** 2))
 
-    def disk(self, cx, cy, rx, ry, edge=0.08, flare=0.0):
-        """A soft-edged ellipse; ``flare`` > 0 widens it towards the bottom (lungs)."""
+    def radius(self, cx, cy, rx, ry, flare=0.0):
+        """Elliptic radius (1 on the ellipse); ``flare`` > 0 widens it towards the bottom."""
         if flare:
             rx = rx * (1 + flare * np.clip((self.v - cy) / ry, -1, 1))
-        r = np.sqrt(((self.u - cx) / rx) ** 2 + ((self.v - cy) / ry) ** 2)
-        return _sigmoid((1 - r) / edge)
+        return np.sqrt(((self.u - cx) / rx) ** 2 + ((self.v - cy) / ry) ** 2)
+
+    def disk(self, cx, cy, rx, ry, edge=0.08, flare=0.0):
+        """A soft-edged ellipse; ``flare`` > 0 widens it towards the bottom (lungs)."""
+        return _sigmoid((1 - self.radius(cx, cy, rx, ry, flare)) / edge)
+
+    def ray(self, px, py, angle, width):
+        """A line of Gaussian profile (sd ``width``) from (px, py) towards ``angle``, ahead only."""
+        c, s = np.cos(angle), np.sin(angle)
+        du, dv = self.u - px, self.v - py
+        return np.exp(-0.5 * ((c * dv - s * du) / width) ** 2) * _sigmoid((c * du + s * dv) / 0.01)
 
 
 def _sigmoid(x):
@@ -409,6 +419,7 @@ def _chest(cv: _Canvas, a: dict, heart_scale: float, lung_dark: float, drop: flo
     left, right = left * (1 - heart), right * (1 - heart)
     lungs = left + right
     cv.lungs, cv.left, cv.wall = lungs, left, 0.5 - 0.035 - 2 * w
+    cv.lung = (0.5 - 0.035 - w, cy, w, h)
     d = 0.08 + a["tissue"] * body - (0.36 + lung_dark) * lungs
     d += 0.12 * np.exp(-(((u - 0.5) / 0.04) ** 2)) * body  # spine
     d += 0.05 * heart
@@ -442,16 +453,23 @@ def _lesions(cv: _Canvas, a: dict, found: dict, draws: dict) -> np.ndarray:
 
 
 def _mass(cv, cx, cy, g, s):
-    return 0.32 * s * cv.disk(cx, cy, 0.05 * g, 0.047 * g, 0.12)
+    # A round, well-defined opacity larger than 3 cm: uniform, with a sharp edge.
+    return 0.34 * s * cv.disk(cx, cy, 0.06 * g, 0.058 * g, 0.03)
 
 
 def _nodule(cv, cx, cy, g, s):
-    return 0.45 * s * cv.disk(cx, cy, 0.022 * g, 0.022 * g, 0.15)
+    # Small (under 3 cm), dense and well defined.
+    return 0.45 * s * cv.disk(cx, cy, 0.024 * g, 0.024 * g, 0.1)
 
 
 def _fibrosis(cv, cx, cy, g, s):
-    net = np.cos(2 * np.pi * (cv.u + cv.v) / 0.03) * np.cos(2 * np.pi * (cv.u - cv.v) / 0.03)
-    return 0.22 * s * cv.gauss(cx, cy, 0.05 * g, 0.04 * g) * (0.6 + 0.4 * net)
+    # Reticular: a net of bright lines (mesh ~6 px, lines ~2 px wide at a 128 px input,
+    # so it survives the downscaling) over a faint haze.
+    a, b = (cv.u + cv.v) / 0.07, (cv.u - cv.v) / 0.07
+    net = np.maximum(
+        np.exp(-((np.sin(np.pi * a) / 0.6) ** 2)), np.exp(-((np.sin(np.pi * b) / 0.6) ** 2))
+    )
+    return 0.3 * s * cv.gauss(cx, cy, 0.055 * g, 0.05 * g) * (0.2 + 0.8 * net) * cv.lungs
 
 
 def _edema(cv, cx, cy, g, s):
@@ -461,7 +479,9 @@ def _edema(cv, cx, cy, g, s):
 
 
 def _pneumonia(cv, cx, cy, g, s):
-    return 0.2 * s * cv.gauss(cx, cy, 0.055 * g, 0.07 * g) * cv.lungs
+    # Lobar airspace opacity: sharply bounded above by the horizontal fissure, fading below.
+    top = _sigmoid((cv.v - cy + 0.045 * g) / 0.006)
+    return 0.26 * s * top * cv.gauss(cx, cy, 0.06 * g, 0.07 * g) * cv.lungs
 
 
 def _atelectasis(cv, cx, cy, g, s):
@@ -478,10 +498,14 @@ def _effusion(cv, cx, cy, g, s):
 
 
 def _pleural_thickening(cv, cx, cy, g, s):
-    # Along the lateral wall of the image-left lung; cx holds only the jitter.
-    wall = cv.wall + 0.015 + cx
-    band = np.exp(-(((cv.u - wall) / 0.016) ** 2)) * cv.gauss(wall, cy, 1.0, 0.11 * g)
-    return 0.34 * s * band
+    # A smooth band (about 1.5 cm) lining the lateral chest wall inside the image-left lung,
+    # thicker and brighter than normal pleura, following the lung's curved border; cx holds
+    # only the jitter.
+    lx, ly, w, h = cv.lung
+    r = cv.radius(lx + cx, ly, w, h, flare=0.3)
+    band = _sigmoid((r - 0.72) / 0.015) * _sigmoid((1.02 - r) / 0.015)
+    lateral = _sigmoid((lx + cx - 0.35 * w - cv.u) / 0.01)
+    return 0.3 * s * band * lateral * cv.gauss(lx, cy, 1.0, 0.12 * g)
 
 
 def _pneumothorax(cv, cx, cy, g, s):
@@ -499,21 +523,23 @@ def _infiltration(cv, cx, cy, g, s):
     spots = np.zeros_like(cv.u)
     for ox, oy in cv.spots * g:
         spots += cv.gauss(cx + ox, cy + oy, 0.018, 0.018)
-    return 0.14 * s * spots
+    return 0.18 * s * spots
 
 
 def _consolidation(cv, cx, cy, g, s):
-    # Dense and homogeneous, with a dark air bronchogram through it.
-    patch = cv.disk(cx, cy, 0.06 * g, 0.045 * g, 0.1)
-    bronchus = np.exp(-(((cv.u - cx - 0.4 * (cv.v - cy)) / 0.006) ** 2))
-    return s * patch * (0.34 - 0.12 * bronchus)
+    # An ill-defined airspace patch (its edge fades over a third of its size) with dark air
+    # bronchograms: a branching airway from the hilum side, ~2 px wide at a 128 px input.
+    patch = cv.disk(cx, cy, 0.07 * g, 0.06 * g, 0.2)
+    px, py = cx - 0.04 * g, cy - 0.035 * g
+    airway = sum(cv.ray(px, py, angle, 0.006) for angle in (0.25, 0.75, 1.25))
+    return s * patch * (0.36 - 0.24 * np.minimum(airway, 1.0))
 
 
 def _hernia(cv, cx, cy, g, s):
     # A round retrocardiac density holding gas above an air-fluid level.
-    sac = cv.disk(cx, cy, 0.05 * g, 0.04 * g, 0.08)
-    gas = sac * _sigmoid((cy - cv.v) / 0.004) * cv.disk(cx, cy, 0.04 * g, 0.03 * g, 0.1)
-    return s * (0.22 * sac - 0.42 * gas)
+    sac = cv.disk(cx, cy, 0.055 * g, 0.045 * g, 0.08)
+    gas = sac * _sigmoid((cy - cv.v) / 0.004) * cv.disk(cx, cy, 0.045 * g, 0.035 * g, 0.1)
+    return s * (0.24 * sac - 0.45 * gas)
 
 
 _PATTERNS = {

@@ -436,3 +436,35 @@ def test_notebook_03_runs_with_tiny_parameters(synth_dir, tmp_path, monkeypatch)
     assert metrics["conclusion"].startswith("**What these numbers say**")
     for figure in ("throughput.png", "ablation.png", "utilization.png"):
         assert (out / figure).stat().st_size > 1000
+
+
+def _fake_train_run(folder, ranks: int, real: float, synthetic: float, pairs: int = 4):
+    folder.mkdir(parents=True)
+    paired = [
+        {"pairs": pairs, "synthetic_median": synthetic / ranks, "ratio_min": 0.9, "ratio_max": 1.05}
+        for _ in range(ranks)
+    ]
+    metrics = {
+        "model": "standin",
+        "ranks": ranks,
+        "images_per_sec": real,
+        "paired_synthetic": paired,
+        "fraction_of_synthetic_paired": real / synthetic,
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_bench_train_report_tabulates_runs_against_the_paired_target(tmp_path, capsys):
+    runs = [
+        _fake_train_run(tmp_path / "standin-optimized-raw-np1", 1, 99.0, 100.0),
+        _fake_train_run(tmp_path / "standin-optimized-raw-np2", 2, 180.0, 200.0),
+        _fake_train_run(tmp_path / "standin-naive-raw-np1", 1, 50.0, 100.0, pairs=0),
+    ]
+    assert main(["bench-report", str(tmp_path), "--runs", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    assert "standin-naive-raw-np1: a rank has no (real, synthetic) window pair" in out
+    assert "1 rank(s), optimized-raw: real = 99.0% of synthetic" in out and "meets" in out
+    assert "2 rank(s), optimized-raw: real = 90.0% of synthetic" in out and "MISSES" in out
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert table.set_index("ranks").loc[2, "vs_1_rank"] == pytest.approx(180 / 99)

@@ -29,7 +29,6 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 CHEXLIB="$VENV/bin/chexlib"
 HOROVODRUN="$VENV/bin/horovodrun"
-PY="$VENV/bin/python"
 BENCH_DIR=${BENCH_DIR:-outputs/bench}
 OUT="$BENCH_DIR/train"
 DATA=${BENCH_TRAIN_DATA:-$BENCH_DIR/train-data}     # generated NIH-layout dataset (reused)
@@ -88,43 +87,4 @@ for model in $MODELS; do
 done
 
 echo
-"$PY" - "$OUT" "${made[@]}" <<'EOF'
-"""Table of the runs just made: real images/s, paired synthetic, real/synthetic, 2 ranks / 1 rank."""
-import json
-import sys
-from pathlib import Path
-
-import pandas as pd
-
-out = Path(sys.argv[1])
-rows = []
-for run in sorted(sys.argv[2:]):
-    path = Path(run) / "metrics.json"
-    m = json.loads(path.read_text())
-    pairs = [p for p in m["paired_synthetic"] or [] if p["pairs"]]
-    if len(pairs) != m["ranks"]:
-        print(f"{path.parent.name}: a rank has no (real, synthetic) window pair; more steps needed")
-        continue
-    rows.append({
-        "model": m["model"], "input": path.parent.name.split("-", 1)[1].rsplit("-np", 1)[0],
-        "ranks": m["ranks"], "real_img_s": m["images_per_sec"],
-        "synthetic_img_s": sum(p["synthetic_median"] for p in pairs),
-        "real_over_synthetic": m["fraction_of_synthetic_paired"],
-        "pair_min": min(p["ratio_min"] for p in pairs), "pair_max": max(p["ratio_max"] for p in pairs),
-        "pairs": sum(p["pairs"] for p in pairs),
-    })
-t = pd.DataFrame(rows)
-one = t[t["ranks"] == 1].set_index(["model", "input"])["real_img_s"]
-t["vs_1_rank"] = [r.real_img_s / one.get((r.model, r.input), float("nan")) for r in t.itertuples()]
-t = t.sort_values(["model", "ranks", "input"])
-pd.set_option("display.width", 160)
-print(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-t.to_csv(out / "summary.csv", index=False)
-print()
-for r in t[t["input"] != "naive-raw"].itertuples():
-    verdict = "meets" if r.real_over_synthetic >= 0.97 else "MISSES"
-    print(f"{r.model}, {r.ranks} rank(s), {r.input}: real = {r.real_over_synthetic:.1%} of synthetic "
-          f"(pairs {r.pair_min:.1%}..{r.pair_max:.1%}; {verdict} the >= 97 % target)")
-print("2 ranks on this machine share its cores: 'vs_1_rank' is an overhead check, not scaling.")
-print(f"summary: {out / 'summary.csv'}")
-EOF
+"$CHEXLIB" bench-report "$OUT" --runs "${made[@]}"
