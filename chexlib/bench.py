@@ -982,14 +982,6 @@ def prepare_sources(cfg: ProfileConfig, progress: bool = True) -> dict[str, dict
     return sources
 
 
-def table_records(df) -> list[dict]:
-    """Rows of a result table as JSON-ready dicts (NaN becomes None)."""
-    return [
-        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        for row in df.to_dict("records")
-    ]
-
-
 # --- command line ---------------------------------------------------------------------
 
 

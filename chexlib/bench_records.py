@@ -213,11 +213,6 @@ def conversion_table(
     return table
 
 
-def table_records(table: pd.DataFrame) -> list[dict]:
-    """Rows of a table as JSON-ready dicts (NaN -> None)."""
-    return table.astype(object).where(table.notna(), None).to_dict(orient="records")
-
-
 def plot_conversion(table: pd.DataFrame):
     """Bar charts of conversion time, images/s, size on disk (and decode cost) per source."""
     import matplotlib.pyplot as plt

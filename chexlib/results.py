@@ -88,6 +88,11 @@ class RecordWarning(UserWarning):
     """A record was left out of a collection because it is unreadable; names the file."""
 
 
+def table_records(table) -> list[dict]:
+    """Rows of a pandas table as JSON-ready dicts (NaN becomes None; see :func:`json_safe`)."""
+    return json_safe(table.to_dict(orient="records"))
+
+
 def json_safe(obj):
     """``obj`` as plain JSON values: NaN and infinities become ``None``, numpy
     scalars and arrays, dataclasses, ``to_dict()`` objects, paths, tuples and

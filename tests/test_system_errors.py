@@ -317,3 +317,20 @@ def test_collect_runs_leaves_out_a_corrupt_run_and_names_it(tmp_path):
     )
     with pytest.raises(RecordError, match="bad/metrics.json"):
         collect_runs(tmp_path, on_error="raise")
+
+
+def test_table_records_are_json_safe_rows():
+    import pandas as pd
+
+    from chexlib.results import table_records
+
+    table = pd.DataFrame(
+        {"name": ["a", "b"], "rate": [1.5, float("nan")], "n": np.array([1, 2], np.int64)}
+    )
+    table["windows"] = [[1.0, float("nan")], [2.0]]
+    rows = table_records(table)
+    assert rows == [
+        {"name": "a", "rate": 1.5, "n": 1, "windows": [1.0, None]},
+        {"name": "b", "rate": None, "n": 2, "windows": [2.0]},
+    ]
+    json.dumps(rows, allow_nan=False)
