@@ -735,6 +735,8 @@ def count_examples(
         return len(range(shard_index, n, num_shards))
     files = record_files(records_dir, split)
     counts = _records_per_file(records_dir, files)
+    # the rule of _record_items: whole files dealt round-robin when there are at least
+    # as many files as workers, else every num_shards-th record
     if len(files) >= num_shards:
         return sum(counts[f] for f in files[shard_index::num_shards])
     return len(range(shard_index, sum(counts.values()), num_shards))

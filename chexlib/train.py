@@ -428,10 +428,7 @@ class RankData:
 
         n = self.size if num_shards is None else num_shards
         i = self.rank if shard_index is None else shard_index
-        if self.config.source == "records":
-            counts = _manifest_shard_records(self.config.records, split)
-            if counts is not None:  # the manifest knows: no need to read every record
-                return _records_shard_size(counts, n, i)
+        # the pipeline's own rule (and the manifest's counts for records)
         return pipeline.count_examples(
             self.config.source,
             split,
@@ -497,29 +494,6 @@ def paired_with_synthetic(real, config: TrainConfig, untimed: int | None = None)
     warmup = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(untimed)
     pairs = tf.data.Dataset.from_tensor_slices(tf.constant([0] * w + [1] * w, tf.int64)).repeat()
     return tf.data.Dataset.choose_from_datasets([real, synthetic], warmup.concatenate(pairs))
-
-
-def _manifest_shard_records(records_dir, split: str) -> list[int] | None:
-    """Records per shard file of ``split``, in file order, from the conversion manifest."""
-    from chexlib import records
-
-    try:
-        manifest = records.read_manifest(records_dir)
-        shards = sorted(
-            (s for s in manifest["shards"] if s["split"] == split), key=lambda s: s["file"]
-        )
-        return [int(s["records"]) for s in shards]
-    except (FileNotFoundError, KeyError, TypeError):
-        return None
-
-
-def _records_shard_size(counts: list[int], num_shards: int, shard_index: int) -> int:
-    """Records a worker reads, by the pipeline's rule (``chexlib.pipeline._record_items``):
-    whole files dealt round-robin when there are at least as many files as workers,
-    else every ``num_shards``-th record."""
-    if len(counts) >= num_shards:
-        return sum(counts[shard_index::num_shards])
-    return len(range(shard_index, sum(counts), num_shards))
 
 
 # --- evaluation ----------------------------------------------------------------
