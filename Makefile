@@ -5,6 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.chexlib-ready
 SPEC    ?= papermill_runs/demo.yaml
+STUDY_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv study publish test bench bench-pipeline bench-train lint lab kernel clean-outputs
@@ -17,11 +18,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt tools/setup_env.sh
 
 # The study writes under outputs/ only; `make publish` copies the demo's results
 # into the README's results block and docs/results/.
-# DATA= (the NIH download) and HOSTS= ("host1:4,host2:4") reach the spec as {data_env}
-# and {hosts}, like the CHEXLIB_DATA and CHEXLIB_HOSTS environment variables.
+# DATA= (the NIH download; relative to this folder, spaces allowed) and HOSTS=
+# ("host1:4,host2:4") reach the spec as {data_env} and {hosts}, like the CHEXLIB_DATA
+# and CHEXLIB_HOSTS environment variables. STUDY_ARGS= adds chexlib study flags
+# (e.g. STUDY_ARGS="--outputs /scratch/me --log-output").
 study: venv
-	$(if $(DATA),CHEXLIB_DATA="$(abspath $(DATA))") $(if $(HOSTS),CHEXLIB_HOSTS="$(HOSTS)") \
-	  $(VENV)/bin/chexlib study $(SPEC)
+	$(if $(DATA),CHEXLIB_DATA="$(DATA)") $(if $(HOSTS),CHEXLIB_HOSTS="$(HOSTS)") \
+	  $(VENV)/bin/chexlib study $(SPEC) $(STUDY_ARGS)
 
 publish: venv
 	$(VENV)/bin/chexlib publish-results outputs/demo/summary

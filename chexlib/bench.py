@@ -908,6 +908,7 @@ class ProfileConfig:
             s for s in (*self.ablation_sources, self.utilization_source) if s not in self.sources
         ]
         check(not bad, f"ablation/utilization sources {bad} are not among sources {self.sources}")
+        check(bool(self.ablation_sources), "ablation_sources must name at least one source")
         check(self.n_images >= 2 * self.batch_size, "generate at least two batches of images")
         check(
             self.batch_size >= 1 and self.image_size >= 8 and self.source_size >= 32,

@@ -223,6 +223,14 @@ _CEILING_MEANING = {  # how each bar's ceiling was measured
 def plot_ceiling(train: pd.DataFrame, hardware: str = "", target: float = 0.9):
     """Real-data throughput as a fraction of the synthetic ceiling, per run."""
     data = throughput_rows(train).dropna(subset=["fraction_of_synthetic"]).copy()
+    if data.empty:  # e.g. a study whose runs measured no synthetic ceiling
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no run of this study measured its synthetic-data ceiling",
+                ha="center", va="center")  # fmt: skip
+        return fig
     data["label"] = (
         data["input"] + "\n" + data["pipeline"] + "\n" + data.apply(config_label, axis=1)
     )

@@ -273,7 +273,9 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
     variables = {"outputs": outputs, "study_dir": study_dir, "repo": REPO}
     # Cluster-specific values come from the environment, so one spec runs anywhere.
     variables["hosts"] = os.environ.get("CHEXLIB_HOSTS", spec.get("hosts", "") or "")
-    variables["data_env"] = os.environ.get("CHEXLIB_DATA", str(outputs / "data" / "nih"))
+    # absolute: the notebooks run in their own folder, not where `chexlib study` started
+    data_env = os.environ.get("CHEXLIB_DATA") or str(outputs / "data" / "nih")
+    variables["data_env"] = str(Path(data_env).expanduser().resolve())
     for name, value in (spec.get("vars") or {}).items():
         variables[name] = _substitute(value, variables, f"{spec['_path']} vars.{name}")
     stage_dirs = {str(study_dir / stage["name"]) for stage in spec["stages"]}

@@ -94,6 +94,15 @@ def _training_row(rec: dict) -> dict:
     return row
 
 
+TRAINING_COLUMNS = [
+    "run_id", "model", "pipeline", "input", "ranks", "pin_cores", "images_per_sec",
+    "images_per_sec_ci95", "images_per_sec_per_rank", "synthetic_images_per_sec",
+    "fraction_of_synthetic", "fraction_min", "fraction_max", "model_ms_per_image",
+    "synthetic_paired", "mean_auroc", "auroc_split", "epochs", "image_size",
+    "batch_size_per_rank", "mixed_precision", "xla", "hardware", "cpu_count", "finished",
+]  # fmt: skip
+
+
 def _finished(rec: dict) -> float:
     """When the run's record was written (newest wins among repeats); 0 when unknown."""
     try:
@@ -113,9 +122,8 @@ def training_table(records: list[dict]) -> pd.DataFrame:
         for rec in records
         if "images_per_sec" in rec["metrics"] and "ranks" in rec["metrics"]
     ]
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
+    # no runs: an empty table that still has every column, so readers need no special case
+    table = pd.DataFrame(rows, columns=None if rows else TRAINING_COLUMNS)
     for col in ("images_per_sec", "images_per_sec_ci95", "images_per_sec_per_rank",
                 "synthetic_images_per_sec", "fraction_of_synthetic", "fraction_min",
                 "fraction_max", "model_ms_per_image", "mean_auroc"):  # fmt: skip

@@ -31,12 +31,20 @@ Image model
     resized to ``size`` and given pixel noise tuned so a 1024 x 1024 PNG
     compresses to ~300-500 KB like the real ones (decode and I/O cost stay
     representative). Each finding adds its own pattern at its own place
-    (e.g. Mass: a large round opacity in the upper image-left lung; Nodule:
-    a small dense spot in the upper image-right lung; Effusion: a basal fill
-    with a meniscus; Pneumothorax: a dark apical crescent; Cardiomegaly: a
-    larger heart; Emphysema: darker, taller lungs), jittered per patient and
-    image in position, size and strength. Patterns are coarse enough to
-    survive downscaling to 64 x 64. Training flips images horizontally, so a
+    (e.g. Mass: a large round well-defined opacity in the image-left lung;
+    Nodule: a small dense spot in the upper image-right lung; Consolidation:
+    an ill-defined patch crossed by dark air bronchograms; Pneumonia: an
+    airspace opacity with a sharp upper edge at the fissure; Fibrosis: a
+    reticular net of bright lines; Pleural_Thickening: a thick bright band
+    lining the lateral chest wall; Effusion: a basal fill with a meniscus;
+    Pneumothorax: a dark apical crescent; Cardiomegaly: a larger heart;
+    Emphysema: darker, taller lungs), jittered per patient and image in
+    position, size and strength. Patterns are coarse enough to survive
+    downscaling to 64 x 64, and their fine structure (Fibrosis' mesh,
+    Consolidation's bronchograms) is at least two pixels wide at the 128 px
+    input of the demo's learning run. A model that pools over the image
+    cannot tell findings apart by place, only by look, so each one looks
+    unlike the others. Training flips images horizontally, so a
     finding's mirrored place is either about a tenth of the image or more
     from every other finding's place, or the two differ plainly in shape
     (dot, disk, haze, band, line).
@@ -316,7 +324,7 @@ def split_by_patient(meta: pd.DataFrame, test_fraction: float, seed: int = 0) ->
 # the patient's right lung is on the image's left).
 _PLACES: dict[str, tuple[float, float]] = {
     "Fibrosis": (0.31, 0.3),
-    "Mass": (0.37, 0.4),
+    "Mass": (0.37, 0.43),
     "Edema": (0.39, 0.47),  # and its mirror image: a bilateral pattern
     "Pneumonia": (0.24, 0.45),
     "Atelectasis": (0.33, 0.63),
@@ -454,7 +462,7 @@ def _lesions(cv: _Canvas, a: dict, found: dict, draws: dict) -> np.ndarray:
 
 def _mass(cv, cx, cy, g, s):
     # A round, well-defined opacity larger than 3 cm: uniform, with a sharp edge.
-    return 0.34 * s * cv.disk(cx, cy, 0.06 * g, 0.058 * g, 0.03)
+    return 0.34 * s * cv.disk(cx, cy, 0.07 * g, 0.068 * g, 0.03)
 
 
 def _nodule(cv, cx, cy, g, s):
@@ -481,7 +489,7 @@ def _edema(cv, cx, cy, g, s):
 def _pneumonia(cv, cx, cy, g, s):
     # Lobar airspace opacity: sharply bounded above by the horizontal fissure, fading below.
     top = _sigmoid((cv.v - cy + 0.045 * g) / 0.006)
-    return 0.26 * s * top * cv.gauss(cx, cy, 0.06 * g, 0.07 * g) * cv.lungs
+    return 0.34 * s * top * cv.gauss(cx, cy, 0.065 * g, 0.08 * g) * cv.lungs
 
 
 def _atelectasis(cv, cx, cy, g, s):
@@ -503,9 +511,9 @@ def _pleural_thickening(cv, cx, cy, g, s):
     # only the jitter.
     lx, ly, w, h = cv.lung
     r = cv.radius(lx + cx, ly, w, h, flare=0.3)
-    band = _sigmoid((r - 0.72) / 0.015) * _sigmoid((1.02 - r) / 0.015)
+    band = _sigmoid((r - 0.68) / 0.015) * _sigmoid((1.02 - r) / 0.015)
     lateral = _sigmoid((lx + cx - 0.35 * w - cv.u) / 0.01)
-    return 0.3 * s * band * lateral * cv.gauss(lx, cy, 1.0, 0.12 * g)
+    return 0.36 * s * band * lateral * cv.gauss(lx, cy, 1.0, 0.12 * g)
 
 
 def _pneumothorax(cv, cx, cy, g, s):

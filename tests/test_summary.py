@@ -223,3 +223,19 @@ def test_summary_config_checks_the_hand_made_run_folders(tmp_path):
         summary.SummaryConfig(study_dir="", output_dir="x", run_dirs=[tmp_path / "missing"])
     with pytest.raises(ValueError, match="nothing to summarise"):
         summary.SummaryConfig(study_dir="", output_dir="x")
+
+
+def test_a_study_without_training_runs_has_untestable_verdicts_not_errors():
+    # e.g. papermill_runs/check.yaml on a dataset whose training stage failed
+    train = summary.training_table([])
+    assert train.empty and {"model", "ranks", "pipeline", "bound"} <= set(train.columns)
+    tables = {**_study_tables(), "train": train}
+    result = verdicts.verdicts(tables)
+    by_id = {c["id"]: c for c in result["claims"]}
+    for claim in ("pipeline", "records", "scaling", "ceiling", "learning"):
+        assert by_id[claim]["verdict"] == "not testable here", claim
+
+
+def test_training_columns_are_the_columns_of_a_training_row():
+    row = summary._training_row(record("r", "optimized", 1, 100.0))
+    assert [k for k in row if not k.startswith("auroc.")] == summary.TRAINING_COLUMNS
