@@ -467,7 +467,7 @@ def _mass(cv, cx, cy, g, s):
 
 def _nodule(cv, cx, cy, g, s):
     # Small (under 3 cm), dense and well defined.
-    return 0.45 * s * cv.disk(cx, cy, 0.024 * g, 0.024 * g, 0.1)
+    return 0.45 * s * cv.disk(cx, cy, 0.03 * g, 0.03 * g, 0.1)
 
 
 def _fibrosis(cv, cx, cy, g, s):
@@ -489,7 +489,7 @@ def _edema(cv, cx, cy, g, s):
 def _pneumonia(cv, cx, cy, g, s):
     # Lobar airspace opacity: sharply bounded above by the horizontal fissure, fading below.
     top = _sigmoid((cv.v - cy + 0.045 * g) / 0.006)
-    return 0.34 * s * top * cv.gauss(cx, cy, 0.065 * g, 0.08 * g) * cv.lungs
+    return 0.32 * s * top * cv.gauss(cx, cy, 0.075 * g, 0.09 * g) * cv.lungs
 
 
 def _atelectasis(cv, cx, cy, g, s):
