@@ -40,38 +40,13 @@ def comparisons(r: dict[str, dict]) -> list[Row]:
     """(label, measured, target, passed or None for information) for what ``r`` holds."""
     rows: list[Row] = []
 
-    def rate(name: str) -> float | None:
-        return r.get(name, {}).get("images_per_sec")
-
     def ratio(a: str, b: str, label: str, target: float):
-        if rate(a) and rate(b):
-            v = rate(a) / rate(b)
-            rows.append((label, f"{v:.2f}x", f">= {target}x", v >= target))
+        ra, rb = (r.get(n, {}).get("images_per_sec") for n in (a, b))
+        if ra and rb:
+            rows.append((label, f"{ra / rb:.2f}x", f">= {target}x", ra / rb >= target))
 
-    opt = r.get("optimized-raw", {})
     ratio("optimized-raw", "naive-raw", "optimized / naive, raw PNG", 1.8)
-    if "fraction_of_independent_limit" in opt:
-        f, lim = opt["fraction_of_independent_limit"], opt["independent_limit_images_per_sec"]
-        rows.append(
-            (
-                f"optimized raw PNG / independent limit ({lim:.0f} img/s)",
-                f"{f:.1%}",
-                ">= 90%",
-                f >= 0.9,
-            )
-        )
-    if "cpu_ms_per_image_over_fastest_decoder" in opt:
-        ms = opt["decoder_ms_per_image"]
-        fastest = min(ms, key=ms.get)
-        v = opt["cpu_ms_per_image_over_fastest_decoder"]
-        rows.append(
-            (
-                f"optimized raw PNG CPU ms/image ({opt['cpu_ms_per_image']:.2f}) / {fastest} alone ({ms[fastest]:.2f})",
-                f"{v:.2f}x",
-                "<= 1.2x",
-                v <= 1.2,
-            )
-        )
+    rows.extend(_input_cost(r))
     ratio(
         "optimized-compact",
         "optimized-raw",
@@ -80,36 +55,42 @@ def comparisons(r: dict[str, dict]) -> list[Row]:
     )
     compact_ms = r.get("optimized-compact", {}).get("cpu_ms_per_image")
     if compact_ms:
-        rows.append(
-            (
-                "compact records: CPU ms per image read",
-                f"{compact_ms:.2f}",
-                "<= 0.5",
-                compact_ms <= 0.5,
-            )
-        )
-    ratio(
-        "optimized-raw",
-        "keras-directory-raw",
-        "optimized / keras image_dataset_from_directory, raw PNG",
-        1.1,
-    )
+        rows.append(("compact records: CPU ms per image read", f"{compact_ms:.2f}", "<= 0.5",
+                     compact_ms <= 0.5))  # fmt: skip
+    ratio("optimized-raw", "keras-directory-raw",
+          "optimized / keras image_dataset_from_directory, raw PNG", 1.1)  # fmt: skip
     ratio("optimized-raw", "keras-raw", "optimized / keras-sequence, raw PNG", 1.0)
-    if "device-optimized" in r and "device-naive" in r:
-        uo, un = r["device-optimized"]["utilization"], r["device-naive"]["utilization"]
-        dev_rate = r["device-optimized"]["device_rate"]
-        single = opt.get("single_core_images_per_sec")
-        times = f" = {dev_rate / single:.2f}x single core" if single else ""
-        rows.append(
-            (
-                f"SIMULATED device at {dev_rate:.0f} img/s{times}: utilization optimized | naive",
-                f"{uo:.1%} | {un:.1%}",
-                ">= 95% | < 95%",
-                uo >= 0.95 and un < 0.95,
-            )
-        )
+    rows.extend(_simulated_device(r))
     rows.extend(_information(r))
     return rows
+
+
+def _input_cost(r: dict[str, dict]) -> list[Row]:
+    """The raw PNG path against the independent limit and against the fastest decoder alone."""
+    opt, rows = r.get("optimized-raw", {}), []
+    if "fraction_of_independent_limit" in opt:
+        f, lim = opt["fraction_of_independent_limit"], opt["independent_limit_images_per_sec"]
+        rows.append((f"optimized raw PNG / independent limit ({lim:.0f} img/s)", f"{f:.1%}",
+                     ">= 90%", f >= 0.9))  # fmt: skip
+    if "cpu_ms_per_image_over_fastest_decoder" in opt:
+        ms = opt["decoder_ms_per_image"]
+        fastest = min(ms, key=ms.get)
+        v = opt["cpu_ms_per_image_over_fastest_decoder"]
+        label = (f"optimized raw PNG CPU ms/image ({opt['cpu_ms_per_image']:.2f}) / "
+                 f"{fastest} alone ({ms[fastest]:.2f})")  # fmt: skip
+        rows.append((label, f"{v:.2f}x", "<= 1.2x", v <= 1.2))
+    return rows
+
+
+def _simulated_device(r: dict[str, dict]) -> list[Row]:
+    if "device-optimized" not in r or "device-naive" not in r:
+        return []
+    uo, un = r["device-optimized"]["utilization"], r["device-naive"]["utilization"]
+    dev_rate = r["device-optimized"]["device_rate"]
+    single = r.get("optimized-raw", {}).get("single_core_images_per_sec")
+    times = f" = {dev_rate / single:.2f}x single core" if single else ""
+    label = f"SIMULATED device at {dev_rate:.0f} img/s{times}: utilization optimized | naive"
+    return [(label, f"{uo:.1%} | {un:.1%}", ">= 95% | < 95%", uo >= 0.95 and un < 0.95)]
 
 
 def _information(r: dict[str, dict]) -> list[Row]:
