@@ -91,7 +91,9 @@ def _time_map(items: list, fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def decode_cost(source, size: int = records.MODEL_INPUT_SIZE, n: int = 200, repeats: int = 3) -> float:
+def decode_cost(
+    source, size: int = records.MODEL_INPUT_SIZE, n: int = 200, repeats: int = 3
+) -> float:
     """Milliseconds per image to turn stored bytes into a ``size`` x ``size`` uint8 image.
 
     ``source`` is a records folder (its train records) or a dataset folder (its
