@@ -180,7 +180,9 @@ def _localization(tables):
         return None, [], "no Grad-CAM run (chexlib explain) scored against boxes in this study"
     best = max(scored, key=lambda r: r["hit_rate"])
     note = (
-        f"{best.get('model')} ({best.get('layer')}), {best.get('boxes')} boxes of "
+        # records written before the upsampling was a choice used bilinear
+        f"{best.get('model')} ({best.get('layer')}, {best.get('upsampling', 'bilinear')} "
+        f"upsampling), {best.get('boxes')} boxes of "
         f"{best.get('findings_with_boxes')} findings; chance {best.get('hit_rate_chance', 0):.2f}, "
         f"pooled over boxes {best.get('hit_rate_pooled', 0):.2f}, mean IoU {best.get('mean_iou', 0):.2f}"
     )

@@ -164,12 +164,28 @@ def test_heatmaps_have_the_input_shape_and_real_values(tiny_run, synth_dir):
     assert np.allclose(probs, np.asarray(net(x, training=False)), atol=1e-5)
 
 
-def test_upsampling_puts_each_cell_at_its_centre():
-    m = E.upsampling_matrix(4, 64, 15.5, 16.0)  # the tiny CNN's 4 x 4 map of a 64 px input
+@pytest.mark.parametrize("kernel", E.UPSAMPLING)
+def test_upsampling_puts_each_cell_at_its_centre(kernel):
+    m = E.upsampling_matrix(4, 64, 15.5, 16.0, kernel)  # the tiny CNN's 4 x 4 map at 64 px
     assert m.shape == (64, 4) and np.allclose(m.sum(axis=1), 1.0)
     assert all(m[15 + 16 * j, j] == 1.0 for j in range(4))  # pixels 15, 31, ...: not 8, 24, ...
-    assert m[23, 0] == m[23, 1] == pytest.approx(0.5)  # a plain resize centres cell 1 at 24
+    assert m[39, 1] == pytest.approx(m[39, 2])  # halfway (a plain resize centres cell 2 at 40)
     assert np.allclose(m[:16, 0], 1.0)  # constant before the first centre, as tf.image.resize
+
+
+def test_a_bicubic_peak_can_fall_between_cell_centres():
+    # Two neighbouring strong cells, the right one a little stronger: the evidence lies
+    # between their centres. Bilinear can only point at a centre; bicubic points between.
+    cells = np.array([0.0, 0.2, 0.9, 1.0, 0.2, 0.0, 0.0, 0.0])
+    peaks = {
+        k: int(np.argmax(E.upsampling_matrix(8, 128, 15.5, 16.0, k) @ cells)) for k in E.UPSAMPLING
+    }
+    assert peaks["bilinear"] == 15 + 16 * 3  # the stronger cell's centre, pixel 63
+    assert 47 < peaks["bicubic"] < 63  # between the two centres
+    flat = E.upsampling_matrix(8, 128, 15.5, 16.0, "bicubic") @ np.ones(8)
+    assert np.allclose(flat, 1.0)  # a constant map stays constant
+    with pytest.raises(E.ExplainError, match="upsampling"):
+        E.upsampling_matrix(8, 128, 15.5, 16.0, "nearest")
 
 
 @pytest.mark.parametrize("size,layer", [(64, ""), (128, "tiny_relu2")])
