@@ -80,6 +80,9 @@ class BenchConfig:
             ``tensorflow``, ``libspng``; see :mod:`chexlib.imageops`).
         reference_rates: also measure the independent limit and the
             decoders alone (raw source).
+        paired_with: also time this pipeline against another one in
+            alternating rounds in this process (:mod:`chexlib.bench_paired`);
+            empty: not.
     """
 
     pipeline: str = "optimized"
@@ -105,6 +108,7 @@ class BenchConfig:
     seed: int = 0
     png_decoder: str = "auto"
     reference_rates: bool = False
+    paired_with: str = ""
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -140,6 +144,15 @@ class BenchConfig:
         check(
             not self.disable or self.pipeline == "optimized",
             "disable applies to the optimized pipeline",
+        )
+        check(
+            not self.paired_with
+            or (self.paired_with in BENCH_PIPELINES and self.paired_with != self.pipeline),
+            f"paired_with must be another of {BENCH_PIPELINES}, not {self.paired_with!r}",
+        )
+        check(
+            self.paired_with not in PEERS or self.source == "raw",
+            f"{self.paired_with} reads PNG files (source 'raw')",
         )
         pipeline.without_steps(*self.disable)  # names checked here
 
@@ -301,6 +314,13 @@ def tf_batches(cfg: BenchConfig, metadata=None, data_service: str | None = None,
     return lambda: next(iterator)
 
 
+def pipeline_batches(cfg: BenchConfig, metadata=None, data_service: str | None = None):
+    """``(next_batch, stop)`` of the pipeline or peer named by ``cfg.pipeline``."""
+    if cfg.pipeline in PEERS:
+        return peer_batches(cfg, metadata)
+    return tf_batches(cfg, metadata, data_service=data_service), (lambda: None)
+
+
 def single_core_rate(cfg: BenchConfig, metadata=None) -> float:
     """Images/s of the same preprocessing pinned to one thread (median of 3 windows)."""
     metadata = _metadata(cfg, metadata)
@@ -352,16 +372,11 @@ def measure(
         single_core = single_core_rate(cfg, metadata)
     stop, service = (lambda: None), None
     try:
-        if cfg.pipeline in PEERS:
-            next_batch, stop = peer_batches(cfg, metadata)
-        else:
-            if cfg.data_service_workers:
-                from chexlib.dataservice import start_local_service
+        if cfg.data_service_workers and cfg.pipeline not in PEERS:
+            from chexlib.dataservice import start_local_service
 
-                service = start_local_service(cfg.data_service_workers)
-            next_batch = tf_batches(
-                cfg, metadata, data_service=service.address if service else None
-            )
+            service = start_local_service(cfg.data_service_workers)
+        next_batch, stop = pipeline_batches(cfg, metadata, service.address if service else None)
         timing = time_batches(
             next_batch,
             warmup=cfg.warmup_batches,
@@ -383,6 +398,10 @@ def measure(
         fastest = min(record["decoder_ms_per_image"].values())
         if record["cpu_ms_per_image"]:
             record["cpu_ms_per_image_over_fastest_decoder"] = record["cpu_ms_per_image"] / fastest
+    if cfg.paired_with:
+        from chexlib.bench_paired import paired_rounds
+
+        record["paired"] = paired_rounds(cfg, cfg.paired_with, metadata)
     return record
 
 
@@ -440,7 +459,31 @@ def reference_rates(cfg: BenchConfig, metadata, decoder_images: int = 48) -> dic
         "independent_single_core_images_per_sec": single,
         "independent_limit_images_per_sec": usable_cores() * single,
         "decoder_ms_per_image": ms,
+        "decode_in_tf_data_cpu_ms_per_image": _decode_in_tf_data(cfg, paths, min(ms, key=ms.get)),
     }
+
+
+def _decode_in_tf_data(cfg: BenchConfig, paths: list[str], decoder: str) -> float:
+    """CPU ms per image of reading and decoding alone in a parallel tf.data map (no resize,
+    flip or normalisation; batched, prefetched): the floor of any pipeline with ``decoder``."""
+    from chexlib.imageops import decode_png_gray, drain_python_calls
+
+    def decode(path):  # a scalar out: the decoded image is not copied into the batch
+        return tf.reduce_max(decode_png_gray(tf.io.read_file(path), decoder))
+
+    ds = tf.data.Dataset.from_tensor_slices(paths).repeat()
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size).prefetch(2)
+    pull = iter(ds).__next__
+    timing = time_batches(
+        lambda: (pull(),),
+        warmup=2,
+        batches=max(3, cfg.single_core_batches),
+        windows=1,
+        min_window_sec=cfg.min_window_sec,
+    )
+    pull = None  # the iterator goes, its threads stop: nothing runs beside later timings
+    drain_python_calls(quiet_sec=0.2)
+    return 1000 * timing.cpu_sec / timing.images
 
 
 def _record(cfg: BenchConfig, timing: Timing, single_core: float | None) -> dict:
@@ -526,6 +569,12 @@ def describe(result: dict) -> str:
             f"  [SIMULATED accelerator at {result['device_rate']:.1f} images/s] utilization "
             f"{result['utilization']:.1%}, input stall {result['input_stall_sec']:.2f} s "
             f"({result['stall_fraction']:.1%} of wall time)"
+        )
+    if "paired" in result:
+        p = result["paired"]
+        lines.append(
+            f"  paired with {p['with']} ({p['rounds']} alternating rounds in this process): "
+            f"ratio {p['ratio']:.2f}x (rounds {p['ratio_min']:.2f}..{p['ratio_max']:.2f})"
         )
     return "\n".join(lines)
 
@@ -1067,6 +1116,13 @@ def add_bench_pipeline_arguments(parser) -> None:
         action="store_true",
         help="raw PNG: also measure the independent limit (decode_png + plain bilinear, "
         "one thread x cores) and each decoder alone",
+    )
+    a(
+        "--paired-with",
+        default="",
+        choices=("", *BENCH_PIPELINES),
+        help="also time against this pipeline in alternating rounds in this process "
+        "(a ratio free of drift between processes)",
     )
     a("--json", default=None, help="write the measurement record here")
 

@@ -50,7 +50,7 @@ measure() {  # measure NAME ARGS...: one chexlib bench-pipeline run into RESULTS
 }
 raw=(--source raw --data "$DATA")
 measure naive-raw --pipeline naive "${raw[@]}"
-measure optimized-raw --pipeline optimized "${raw[@]}" --reference-rates
+measure optimized-raw --pipeline optimized "${raw[@]}" --reference-rates --paired-with keras-directory
 measure keras-directory-raw --pipeline keras-directory "${raw[@]}"
 measure keras-raw --pipeline keras-sequence "${raw[@]}"
 measure optimized-compact --pipeline optimized --source records --records "$BENCH_DIR/records-compact"
