@@ -20,8 +20,9 @@ import gc
 import statistics
 
 
-def _timed_round(cfg, metadata, batches: int) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of one fresh pipeline over ``batches`` batches."""
+def _timed_round(cfg, metadata, warmup: int, batches: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of one fresh pipeline: ``warmup`` batches, then
+    ``batches`` batches timed as one window (their total, not a median)."""
     from chexlib.bench import pipeline_batches, time_batches
     from chexlib.imageops import drain_python_calls
 
@@ -29,7 +30,7 @@ def _timed_round(cfg, metadata, batches: int) -> tuple[float, float]:
     try:
         timing = time_batches(
             next_batch,
-            warmup=cfg.warmup_batches,
+            warmup=warmup,
             batches=batches,
             windows=1,
             min_window_sec=cfg.min_window_sec,
@@ -43,8 +44,16 @@ def _timed_round(cfg, metadata, batches: int) -> tuple[float, float]:
     return timing.window_rates[0], cpu_ms
 
 
-def paired_rounds(cfg, other: str, metadata, rounds: int = 6, batches: int = 12) -> dict:
+def paired_rounds(
+    cfg, other: str, metadata, rounds: int = 6, warmup: int = 30, batches: int = 30
+) -> dict:
     """Time ``cfg.pipeline`` and ``other`` in ``rounds`` alternating rounds.
+
+    A fresh pipeline needs a long warm-up: tf.data's autotuner starts small and
+    grows its parallelism and buffers over the first seconds (measured: Keras's
+    loader ran its first 12 batches at half its steady rate, at twice the CPU
+    time per image, the extra being the buffers it fills ahead), so each round
+    pulls ``warmup`` batches before its ``batches`` timed ones.
 
     Returns:
         ``{"with": other, "rounds", "batches_per_round", "images_per_sec":
@@ -61,13 +70,14 @@ def paired_rounds(cfg, other: str, metadata, rounds: int = 6, batches: int = 12)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             one = dataclasses.replace(cfg, pipeline=name, device_rate=None, paired_with="")
-            rate, ms = _timed_round(one, metadata, batches)
+            rate, ms = _timed_round(one, metadata, warmup, batches)
             rates[name].append(rate)
             cpu[name].append(ms)
     ratios = [a / b for a, b in zip(rates[names[0]], rates[other], strict=True)]
     return {
         "with": other,
         "rounds": rounds,
+        "warmup_batches_per_round": warmup,
         "batches_per_round": batches,
         "images_per_sec": rates,
         "cpu_ms_per_image": cpu,
