@@ -45,6 +45,7 @@ bench-train: venv
 lint: venv
 	$(VENV)/bin/ruff check chexlib tests
 	$(VENV)/bin/ruff format --check chexlib tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_code_size.py  # module and function sizes
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

@@ -40,18 +40,20 @@ Beyond the poster: ``cache`` keeps decoded, resized images in memory or in a
 local file after the first epoch, and ``data_service`` reads the batches
 through a tf.data service (``chexlib.dataservice``), whose workers may run on
 other hosts: the answer when a node's CPUs cannot feed its accelerators.
+
+Where elements come from (the split's files or record shards, sharding by
+worker, how many images a worker sees) is :mod:`chexlib.sources`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from chexlib.data import LABELS, MODEL_INPUT_SIZE, SPLITS, DataError
+from chexlib.data import LABELS, MODEL_INPUT_SIZE
 from chexlib.imageops import (
     DECODERS,
     decode_png_gray,
@@ -59,6 +61,19 @@ from chexlib.imageops import (
     resize_gray,
     resolve_decoder,
 )
+from chexlib.sources import cache_file as sources_cache_file
+from chexlib.sources import (
+    cache_inputs,
+    raw_items,
+    record_format,
+    record_items,
+    records_module,
+)
+
+# re-exported: callers read the split and count examples through the pipeline module
+from chexlib.sources import count_examples as count_examples
+from chexlib.sources import record_files as record_files
+from chexlib.sources import split_table as split_table
 
 AUTOTUNE = tf.data.AUTOTUNE
 SOURCES = ("raw", "records")
@@ -395,90 +410,8 @@ def preprocess_image(
 # --- sources: the per-file stage -------------------------------------------------
 
 
-def split_table(metadata, split: str):
-    """Rows of ``split`` in metadata order; every row must have a file."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if metadata is None:
-        raise ValueError("source='raw' needs metadata (chexlib.data.load_metadata) or data_dir")
-    rows = metadata[metadata["split"] == split]
-    if rows.empty:
-        raise DataError(f"split {split!r} has no images")
-    missing = rows.loc[rows["path"].isna(), "image"].tolist()
-    if missing:
-        raise DataError(
-            f"split {split!r}: {len(missing)} image(s) have no file, e.g. {missing[:5]}"
-        )
-    return rows
-
-
-def _raw_items(metadata, split: str, cfg: PipelineConfig) -> tf.data.Dataset:
-    """(path, labels, name) per image of the split, sharded by worker, shuffled in training."""
-    rows = split_table(metadata, split)
-    labels = rows[list(LABELS)].to_numpy(dtype=np.float32)
-    items = tf.data.Dataset.from_tensor_slices(
-        (rows["path"].astype(str).tolist(), labels, rows["image"].astype(str).tolist())
-    )
-    items = items.shard(cfg.num_shards, cfg.shard_index)  # before any shuffle
-    if cfg.training and cfg.shuffle_files:
-        n = -(-len(rows) // cfg.num_shards)  # the whole shard: a perfect shuffle of names
-        items = items.shuffle(n, seed=cfg.random_seed, reshuffle_each_iteration=True)
-    return items
-
-
-def _records_module():
-    from chexlib import records
-
-    return records
-
-
-def record_format(records_dir) -> str | None:
-    """``"png"``, ``"jpeg"`` or ``"raw"`` from the records' manifest; None if it does not say."""
-    try:
-        return _records_module().read_manifest(records_dir).get("format")
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def record_files(records_dir, split: str) -> list[str]:
-    """Sorted shard files of ``split``; an error names the folder when there are none."""
-    files = [str(f) for f in _records_module().list_shards(records_dir, split)]
-    if not files:
-        raise DataError(f"{records_dir}: no TFRecord shards for split {split!r}")
-    return files
-
-
-def _record_items(records_dir, split: str, cfg: PipelineConfig) -> tf.data.Dataset:
-    """Serialized records of the split: files sharded then shuffled, read (interleaved), prefetched."""
-    files = record_files(records_dir, split)
-    per_file = len(files) >= cfg.num_shards
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if per_file:  # the official recipe: each worker reads its own files
-        ds = ds.shard(cfg.num_shards, cfg.shard_index)
-        if cfg.training and cfg.shuffle_files:
-            ds = ds.shuffle(len(files), seed=cfg.random_seed, reshuffle_each_iteration=True)
-
-    def read(filename):
-        return tf.data.TFRecordDataset(filename, buffer_size=cfg.read_buffer_bytes)
-
-    if cfg.interleave and per_file:
-        ds = ds.interleave(
-            read,
-            cycle_length=cfg.cycle_length,
-            num_parallel_calls=AUTOTUNE,
-            deterministic=cfg.deterministic,
-        )
-    else:  # one file after another, in order
-        ds = ds.flat_map(read)
-    if not per_file:  # fewer files than workers: every worker reads all, keeps every n-th record
-        ds = ds.shard(cfg.num_shards, cfg.shard_index)
-    if cfg.prefetch_records:
-        ds = ds.prefetch(AUTOTUNE)
-    return ds
-
-
 def _parse_record(serialized):
-    return _records_module().parse_example(serialized)
+    return records_module().parse_example(serialized)
 
 
 def _record_decoder(image_format: str | None, cfg: PipelineConfig):
@@ -544,48 +477,6 @@ def _options(cfg: PipelineConfig) -> tf.data.Options:
     return opts
 
 
-def _cache_file(cfg: PipelineConfig, source: str, split: str, inputs: list[str]) -> str:
-    """A cache file named by everything that decides its content, so a stale one is never read."""
-    import hashlib
-
-    folder = Path(cfg.cache)
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:12]
-    name = f"{source}-{split}-{cfg.image_size}px-shard{cfg.shard_index}of{cfg.num_shards}-{digest}"
-    return str(folder / name)
-
-
-def _file_stamp(path: str) -> str:
-    """``path size mtime_ns``: changes when the file is replaced or rewritten (no pixel read)."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return f"{path} missing"  # reading it fails later, naming the file
-    return f"{path} {st.st_size} {st.st_mtime_ns}"
-
-
-def _inputs_of(source: str, split: str, metadata, records_dir) -> list[str]:
-    """What a cache depends on (it holds images, labels and names).
-
-    Raw source: a digest of the split's labels and image names, then every
-    image file's path, size and modification time (``stat`` only, no pixel
-    is read), so edited labels or a replaced image select a new cache.
-    Records: the conversion key, then each record file's path, size and time.
-    """
-    import hashlib
-
-    if source == "raw":
-        rows = split_table(metadata, split)
-        digest = hashlib.sha256(rows[list(LABELS)].to_numpy(dtype=np.float32).tobytes())
-        digest.update("\n".join(rows["image"].astype(str)).encode())
-        return [f"labels {digest.hexdigest()}", *map(_file_stamp, rows["path"].astype(str))]
-    try:
-        key = str(_records_module().read_manifest(records_dir).get("key", ""))
-    except (OSError, ValueError):
-        key = ""
-    return [key, *map(_file_stamp, record_files(records_dir, split))]
-
-
 def build_dataset(
     source: str,
     split: str,
@@ -627,29 +518,26 @@ def build_dataset(
         raise ValueError(
             "data_service is for training: service workers do not keep evaluation order"
         )
-    if source == "raw":
-        if metadata is None and data_dir is not None:
-            from chexlib.data import load_metadata
+    if source == "raw" and metadata is None and data_dir is not None:
+        from chexlib.data import load_metadata
 
-            metadata = load_metadata(data_dir)
-        items, decode = _raw_items(metadata, split, cfg), _raw_decoder(cfg)
-    else:
-        if records_dir is None:
-            raise ValueError("source='records' needs records_dir")
-        items, decode = (
-            _record_items(records_dir, split, cfg),
-            _record_decoder(record_format(records_dir), cfg),
-        )
+        metadata = load_metadata(data_dir)
+    items, decode = _items_and_decoder(source, split, cfg, metadata, records_dir)
     cache_file = None
     if cfg.cache and cfg.cache != "memory":
-        cache_file = _cache_file(
-            cfg, source, split, _inputs_of(source, split, metadata, records_dir)
+        cache_file = sources_cache_file(
+            cfg, source, split, cache_inputs(source, split, metadata, records_dir)
         )
     ds = _per_record_stage(items, decode, cfg, cache_file, records=source == "records")
     # Options hold for the whole pipeline; set before the final prefetch, which
     # the slack rewrite must find as the last transformation.
-    ds = ds.with_options(_options(cfg))
-    if cfg.data_service:  # the service workers run everything above
+    return _delivery_stage(ds.with_options(_options(cfg)), cfg)
+
+
+def _delivery_stage(ds: tf.data.Dataset, cfg: PipelineConfig) -> tf.data.Dataset:
+    """Through the tf.data service when asked (its workers run everything before), then
+    the final prefetch."""
+    if cfg.data_service:
         ds = ds.apply(
             tf.data.experimental.service.distribute(
                 processing_mode=cfg.data_service_mode, service=cfg.data_service
@@ -659,6 +547,15 @@ def build_dataset(
     if cfg.final_prefetch:
         ds = ds.prefetch(cfg.prefetch_batches or AUTOTUNE)
     return ds
+
+
+def _items_and_decoder(source: str, split: str, cfg: PipelineConfig, metadata, records_dir):
+    """The per-file stage of ``source`` and the decoder of its elements."""
+    if source == "raw":
+        return raw_items(metadata, split, cfg), _raw_decoder(cfg)
+    if records_dir is None:
+        raise ValueError("source='records' needs records_dir")
+    return record_items(records_dir, split, cfg), _record_decoder(record_format(records_dir), cfg)
 
 
 def _per_record_stage(
@@ -713,47 +610,6 @@ def _per_record_stage(
 def _decode_resize(decode, size, *e):
     gray, labels, name = decode(*e)
     return resize_gray(gray, size), labels, name
-
-
-def count_examples(
-    source: str,
-    split: str,
-    *,
-    metadata=None,
-    data_dir=None,
-    records_dir=None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-) -> int:
-    """Images one worker sees per pass over ``split`` (steps per epoch = this / batch size)."""
-    if source == "raw":
-        if metadata is None:
-            from chexlib.data import load_metadata
-
-            metadata = load_metadata(data_dir)
-        n = len(split_table(metadata, split))
-        return len(range(shard_index, n, num_shards))
-    files = record_files(records_dir, split)
-    counts = _records_per_file(records_dir, files)
-    # the rule of _record_items: whole files dealt round-robin when there are at least
-    # as many files as workers, else every num_shards-th record
-    if len(files) >= num_shards:
-        return sum(counts[f] for f in files[shard_index::num_shards])
-    return len(range(shard_index, sum(counts.values()), num_shards))
-
-
-def _records_per_file(records_dir, files: list[str]) -> dict[str, int]:
-    """Records per shard file, from the manifest (counted by reading when it does not say)."""
-    try:
-        shards = _records_module().read_manifest(records_dir).get("shards", [])
-        known = {str(Path(records_dir) / s["file"]): int(s["records"]) for s in shards}
-    except (OSError, ValueError, KeyError):
-        known = {}
-    return {f: known[f] if f in known else _count_records(f) for f in files}
-
-
-def _count_records(filename: str) -> int:
-    return int(tf.data.TFRecordDataset(filename).reduce(np.int64(0), lambda n, _: n + 1))
 
 
 def synthetic_dataset(batch_size: int, image_size: int, seed: int = 0) -> tf.data.Dataset:

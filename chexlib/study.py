@@ -466,18 +466,10 @@ def run_study(
     spec = load_spec(spec_path)
     if log_output is None:
         log_output = spec.get("log_output", False)
-    runs = expand(spec, outputs)
-    statuses = _statuses(runs)  # over all stages: a summary depends on every run before it
-    for folder in _unlisted_run_folders(runs):
-        log(
-            f"note: {folder} is not a run of this spec (an earlier version?); summaries still read it"
-        )
-    if only:
-        unknown = set(only) - {s["name"] for s in spec["stages"]}
-        if unknown:
-            raise SpecError(f"{spec_path}: no stage(s) {sorted(unknown)}")
-        runs = [r for r in runs if r.stage in only]
-    result, start = StudyResult(), time.time()
+    every_run = expand(spec, outputs)
+    statuses = _statuses(every_run)  # over all stages: a summary depends on every run before it
+    runs = _selected_runs(spec, spec_path, every_run, only, log)
+    result = StudyResult()
     todo = []
     for run in runs:
         status = statuses[run.run_dir]
@@ -492,14 +484,39 @@ def run_study(
     # A folder that cannot be made (a file in the way, no permission, a full disk) stops
     # the study here with one error, not as a failure of every run.
     (Path(outputs).resolve() / spec["name"]).mkdir(parents=True, exist_ok=True)
-    counter = itertools.count(1)
+    start = time.time()
+    _execute_stages(todo, result, jobs, log, html=html, log_output=log_output)
+    _report(spec["name"], result, time.time() - start, log)
+    return result
+
+
+def _selected_runs(
+    spec: dict, spec_path, runs: list[Run], only: list[str] | None, log
+) -> list[Run]:
+    """``runs``, or those of the ``only`` stages; notes stray run folders."""
+    for folder in _unlisted_run_folders(runs):
+        log(
+            f"note: {folder} is not a run of this spec (an earlier version?); summaries still read it"
+        )
+    if not only:
+        return runs
+    unknown = set(only) - {s["name"] for s in spec["stages"]}
+    if unknown:
+        raise SpecError(f"{spec_path}: no stage(s) {sorted(unknown)}")
+    return [r for r in runs if r.stage in only]
+
+
+def _execute_stages(todo: list[Run], result: StudyResult, jobs: int, log, **execute_args) -> None:
+    """Run ``todo`` stage after stage (later stages read earlier ones), ``jobs`` at a time
+    within a stage; each outcome goes into ``result``, a failure does not stop the rest."""
+    counter, start = itertools.count(1), time.time()
 
     def one(run: Run) -> None:
         i = next(counter)
         log(f"[{i}/{len(todo)}] {_clock(time.time() - start)}  {run.stage}/{run.run_id} ...")
         t0 = time.time()
         try:
-            execute(run, html=html, log_output=log_output)
+            execute(run, **execute_args)
             result.ran.append(run)
             log(f"[{i}/{len(todo)}] done in {_clock(time.time() - t0)}  {run.stage}/{run.run_id}")
         except Exception as err:
@@ -509,8 +526,6 @@ def run_study(
     for _, stage_runs in itertools.groupby(todo, key=lambda r: r.stage):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             list(pool.map(one, stage_runs))
-    _report(spec["name"], result, time.time() - start, log)
-    return result
 
 
 def _report(name: str, result: StudyResult, seconds: float, log) -> None:
