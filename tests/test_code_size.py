@@ -19,8 +19,20 @@ MODULE_LINES = 700
 FUNCTION_LINES = 60  # from ``def`` to its last line, docstring included
 
 # Still over the limits, at most this size: {module: lines} and {"module:function": lines}.
-MODULES_OVER: dict[str, int] = {}
-FUNCTIONS_OVER: dict[str, int] = {}
+MODULES_OVER: dict[str, int] = {
+    "bench.py": 1145,
+    "launch.py": 932,
+    "records.py": 1313,
+    "synth.py": 973,
+    "train.py": 1141,
+}
+FUNCTIONS_OVER: dict[str, int] = {
+    "bench.py:add_bench_pipeline_arguments": 90,
+    "launch.py:run_function": 62,
+    "records.py:build_manifest": 73,
+    "records.py:convert": 72,
+    "records.py:write_shard": 62,
+}
 
 
 def _sizes() -> tuple[dict[str, int], dict[str, int]]:
