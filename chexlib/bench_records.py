@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chexlib import records
-from chexlib.data import load_metadata
+from chexlib import records, records_shards
+from chexlib.data import MODEL_INPUT_SIZE, load_metadata
 
 
 def raw_png_bytes(data_dir) -> int:
@@ -91,9 +91,7 @@ def _time_map(items: list, fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def decode_cost(
-    source, size: int = records.MODEL_INPUT_SIZE, n: int = 200, repeats: int = 3
-) -> float:
+def decode_cost(source, size: int = MODEL_INPUT_SIZE, n: int = 200, repeats: int = 3) -> float:
     """Milliseconds per image to turn stored bytes into a ``size`` x ``size`` uint8 image.
 
     ``source`` is a records folder (its train records) or a dataset folder (its
@@ -127,22 +125,22 @@ def decode_cost(
 
 
 def compare_compact_formats(
-    data_dir, n: int = 200, size: int = records.MODEL_INPUT_SIZE, jpeg_quality: int = 95
+    data_dir, n: int = 200, size: int = MODEL_INPUT_SIZE, jpeg_quality: int = 95
 ) -> pd.DataFrame:
     """Raw uint8 vs JPEG for compact records: TF decode ms/image, bytes/image, PSNR.
 
-    The images go through the converter's own :func:`records.encode_image`.
+    The images go through the converter's own :func:`records_shards.encode_image`.
     """
     import tensorflow as tf
     from PIL import Image
 
     paths = load_metadata(data_dir)["path"].head(n).tolist()
     rows, raw_pixels = [], None
-    for fmt in records.COMPACT_FORMATS:
-        settings = records.ConvertSettings(
+    for fmt in records_shards.COMPACT_FORMATS:
+        settings = records_shards.ConvertSettings(
             "compact", size=size, compact_format=fmt, jpeg_quality=jpeg_quality
         )
-        encoded = [records.encode_image(p, settings)[0] for p in paths]
+        encoded = [records_shards.encode_image(p, settings)[0] for p in paths]
         if fmt == "raw":
             raw_pixels = [np.frombuffer(e, np.uint8).reshape(size, size) for e in encoded]
             ms = 1000 * _time_map(
@@ -269,17 +267,17 @@ class ConversionStudy:
     variants: tuple = ("png", "compact")
     images_per_shard: int = 256
     workers: tuple = (1, 2)
-    compact_size: int = records.MODEL_INPUT_SIZE
+    compact_size: int = MODEL_INPUT_SIZE
     decode_samples: int = 200
     repeats: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "workers", tuple(int(w) for w in self.workers))
-        bad = [v for v in self.variants if v not in records.VARIANTS]
+        bad = [v for v in self.variants if v not in records_shards.VARIANTS]
         if not self.variants or bad:
             raise ValueError(
-                f"VARIANTS must be a non-empty subset of {records.VARIANTS}, got {self.variants}"
+                f"VARIANTS must be a non-empty subset of {records_shards.VARIANTS}, got {self.variants}"
             )
         if not self.workers or min(self.workers) < 1:
             raise ValueError(f"WORKERS must be positive integers, got {self.workers}")
@@ -338,7 +336,10 @@ def add_arguments(parser) -> None:
         "--work-dir", default="outputs/bench_records", help="records are written under here"
     )
     parser.add_argument(
-        "--variants", nargs="+", default=list(records.VARIANTS), choices=records.VARIANTS
+        "--variants",
+        nargs="+",
+        default=list(records_shards.VARIANTS),
+        choices=records_shards.VARIANTS,
     )
     parser.add_argument(
         "--workers", nargs="+", type=int, default=[1, 2], help="worker counts (default 1 2)"
@@ -349,8 +350,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--size",
         type=int,
-        default=records.MODEL_INPUT_SIZE,
-        help=f"compact size (default {records.MODEL_INPUT_SIZE}, the training input)",
+        default=MODEL_INPUT_SIZE,
+        help=f"compact size (default {MODEL_INPUT_SIZE}, the training input)",
     )
     parser.add_argument(
         "--decode-samples", type=int, default=200, help="records timed for decode cost (0: skip)"

@@ -22,16 +22,11 @@ FUNCTION_LINES = 60  # from ``def`` to its last line, docstring included
 MODULES_OVER: dict[str, int] = {
     "bench.py": 1145,
     "launch.py": 932,
-    "records.py": 1313,
-    "synth.py": 973,
     "train.py": 1141,
 }
 FUNCTIONS_OVER: dict[str, int] = {
     "bench.py:add_bench_pipeline_arguments": 90,
     "launch.py:run_function": 62,
-    "records.py:build_manifest": 73,
-    "records.py:convert": 72,
-    "records.py:write_shard": 62,
 }
 
 
@@ -55,7 +50,7 @@ def _check(sizes: dict[str, int], limit: int, over: dict[str, int], what: str) -
         if lines > ceiling:
             allowed = f"its ceiling {ceiling}" if name in over else f"the limit {limit}"
             problems.append(f"{what} {name}: {lines} lines, over {allowed}")
-    for name, ceiling in sorted(over.items()):
+    for name in sorted(over):
         if sizes.get(name, 0) <= limit:
             problems.append(f"{what} {name} is within {limit} lines now: remove it from the list")
     return problems

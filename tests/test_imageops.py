@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from chexlib import imageops, spng
-from chexlib.synth import encode_png, render_image
+from chexlib.synth_image import encode_png, render_image
 
 needs_spng = pytest.mark.skipif(not spng.available(), reason=spng.unavailable_reason() or "")
 

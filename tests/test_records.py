@@ -1,4 +1,4 @@
-"""chexlib.records: conversion round trips, resume after a kill, stale shards, skips, verification."""
+"""chexlib.records (and records_*): conversion round trips, resume after a kill, stale shards, skips, verification."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexlib import records
+from chexlib import records, records_format, records_shards
 from chexlib.cli import main as cli_main
 from chexlib.data import LABELS, SPLITS, DataError
 from chexlib.images import read_grayscale
@@ -60,8 +60,8 @@ def compact_records(synth_dir, tmp_path_factory):
 
 
 def test_crc32c_matches_reference_for_every_length():
-    assert records.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert records.crc32c(b"") == 0
+    assert records_format.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert records_format.crc32c(b"") == 0
     rng = np.random.default_rng(0)
     for n in (1, 7, 1023, 1024, 1025, 4099, 65536, 100_003):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
@@ -71,15 +71,17 @@ def test_crc32c_matches_reference_for_every_length():
             for _ in range(8):
                 reg = (reg >> 1) ^ 0x82F63B78 if reg & 1 else reg >> 1
         expected = reg ^ 0xFFFFFFFF
-        assert records._crc32c_numpy(data) == expected, n
-        assert records.crc32c(data) == expected, n
+        assert records_format._crc32c_numpy(data) == expected, n
+        assert records_format.crc32c(data) == expected, n
 
 
 def test_hand_encoded_example_equals_tensorflow_example():
     import tensorflow as tf
 
     labels = [1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-    data = records.encode_example(b"\x00\xffpixels", "raw", 2, 4, labels, "00000001_000.png", 30805)
+    data = records_format.encode_example(
+        b"\x00\xffpixels", "raw", 2, 4, labels, "00000001_000.png", 30805
+    )
     feature = tf.train.Feature
     expected = tf.train.Example(
         features=tf.train.Features(
@@ -99,7 +101,7 @@ def test_hand_encoded_example_equals_tensorflow_example():
     assert tf.train.Example.FromString(data) == expected
     parsed = records.parse_example(tf.constant(data))
     assert parsed["image/label"].numpy().tolist() == labels
-    assert set(records.FEATURES) == set(records.SCHEMA)
+    assert set(records.FEATURES) == set(records_format.SCHEMA)
 
 
 # --- round trips ----------------------------------------------------------------------
@@ -148,7 +150,7 @@ def test_compact_records_hold_one_resized_channel(compact_records, synth_metadat
     assert (manifest["format"], manifest["size"], manifest["resample"]) == (
         "raw",
         32,
-        records.RESAMPLE,
+        records_shards.RESAMPLE,
     )
     rows = _read_all(out, "val")
     part = synth_metadata.set_index("image")
@@ -321,7 +323,9 @@ def test_verify_records_passes_then_catches_tampering(synth_dir, png_records, tm
     examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
     label = examples[0].features.feature["image/label"].int64_list.value
     label[0] = 1 - label[0]
-    shard.write_bytes(b"".join(records.frame_record(e.SerializeToString()) for e in examples))
+    shard.write_bytes(
+        b"".join(records_format.frame_record(e.SerializeToString()) for e in examples)
+    )
     manifest = json.loads((out / records.MANIFEST).read_text())
     entry = next(s for s in manifest["shards"] if s["file"] == shard.name)
     entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
@@ -402,7 +406,7 @@ def test_second_conversion_into_one_folder_is_refused_naming_the_first(synth_dir
     first = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    lock, deadline = out / records.LOCK, time.monotonic() + 120
+    lock, deadline = out / records_shards.LOCK, time.monotonic() + 120
     while first.poll() is None and time.monotonic() < deadline:
         held = lock.is_file() and f"pid {first.pid} " in lock.read_text()
         if held and list(out.glob("*.tfrecord")):  # locked and part-way through its shards
@@ -427,6 +431,6 @@ def test_second_conversion_into_one_folder_is_refused_naming_the_first(synth_dir
 
 
 def test_temporary_shard_names_are_unique_per_process_and_call():
-    names = {records._unique() for _ in range(100)}
+    names = {records_shards._unique() for _ in range(100)}
     assert len(names) == 100
     assert all(f".{os.getpid()}." in n for n in names)

@@ -1,4 +1,4 @@
-"""Tests of the generated ChestX-ray14-format dataset (chexlib.synth)."""
+"""Tests of the generated ChestX-ray14-format dataset (chexlib.synth, synth_metadata, synth_image)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chexlib import synth
+from chexlib import synth, synth_image, synth_metadata
 from chexlib.data import LABELS, load_metadata
 
 REAL_HEADER = (
@@ -72,7 +72,7 @@ def test_csv_has_the_real_header_and_well_formed_rows(small):
 
 def test_csv_reads_like_the_real_file_with_pandas(small):
     df = pd.read_csv(small / synth.CSV_NAME)
-    assert list(df.columns[:11]) == list(synth.CSV_COLUMNS)
+    assert list(df.columns[:11]) == list(synth_metadata.CSV_COLUMNS)
     assert df.columns[11].startswith("Unnamed") and df.iloc[:, 11].isna().all()
 
 
@@ -86,9 +86,9 @@ def test_split_lists_cover_every_image_once_and_keep_patients_apart(small):
 
 
 def test_test_fraction_is_met_by_whole_patients():
-    meta = synth.sample_metadata(2000, seed=0)
+    meta = synth_metadata.sample_metadata(2000, seed=0)
     for fraction in (0.1, 0.2, 0.3):
-        is_test = synth.split_by_patient(meta, fraction, seed=0)
+        is_test = synth_metadata.split_by_patient(meta, fraction, seed=0)
         assert abs(is_test.mean() - fraction) < 0.01
         by_patient = pd.Series(is_test).groupby(meta["Patient ID"]).nunique()
         assert (by_patient == 1).all()
@@ -113,7 +113,7 @@ def test_chexlib_data_loads_the_output(small):
 
 @pytest.fixture(scope="module")
 def big_meta() -> pd.DataFrame:
-    return synth.sample_metadata(20_000, seed=0)
+    return synth_metadata.sample_metadata(20_000, seed=0)
 
 
 def test_prevalence_matches_nih(big_meta):
@@ -122,7 +122,7 @@ def test_prevalence_matches_nih(big_meta):
     # for Infiltration, with patients' follow-ups correlated).
     observed = big_meta[list(LABELS)].mean()
     for label in LABELS:
-        nih = synth.PREVALENCE[label]
+        nih = synth_metadata.PREVALENCE[label]
         assert abs(observed[label] - nih) <= 0.1 * nih + 0.003, (label, observed[label], nih)
     no_finding = (big_meta["Finding Labels"] == "No Finding").mean()
     assert abs(no_finding - 0.538) < 0.015
@@ -131,7 +131,7 @@ def test_prevalence_matches_nih(big_meta):
 
 def test_patients_and_views_look_like_nih(big_meta):
     images_per_patient = len(big_meta) / big_meta["Patient ID"].nunique()
-    assert abs(images_per_patient - synth.MEAN_FOLLOWUPS) < 0.25
+    assert abs(images_per_patient - synth_metadata.MEAN_FOLLOWUPS) < 0.25
     assert abs((big_meta["View Position"] == "AP").mean() - 0.40) < 0.03
     assert abs((big_meta["Patient Gender"] == "M").mean() - 0.565) < 0.03
 
@@ -154,9 +154,11 @@ def test_findings_co_occur_and_persist_across_follow_ups(big_meta):
 
 def test_a_1024_png_is_as_large_as_a_real_one():
     for index, findings in enumerate([(), ("Mass", "Effusion", "Cardiomegaly")]):
-        pixels = synth.render_image(findings, size=1024, seed=0, index=index, patient=index + 1)
+        pixels = synth_image.render_image(
+            findings, size=1024, seed=0, index=index, patient=index + 1
+        )
         assert pixels.shape == (1024, 1024) and pixels.dtype == np.uint8
-        assert 300_000 <= len(synth.encode_png(pixels)) <= 500_000
+        assert 300_000 <= len(synth_image.encode_png(pixels)) <= 500_000
 
 
 def _small(pixels: np.ndarray, side: int = 64) -> np.ndarray:
@@ -166,8 +168,8 @@ def _small(pixels: np.ndarray, side: int = 64) -> np.ndarray:
 def test_a_1024_image_downscales_to_what_its_256_drawing_does():
     # Justifies drawing at 256 in the learnability test below.
     args = dict(findings=("Nodule", "Pneumothorax"), seed=1, index=3, patient=2)
-    big = _small(synth.render_image(size=1024, **args))
-    base = _small(synth.render_image(size=256, **args))
+    big = _small(synth_image.render_image(size=1024, **args))
+    base = _small(synth_image.render_image(size=256, **args))
     assert np.abs(big - base).mean() < 1.0
 
 
@@ -185,7 +187,7 @@ def test_every_finding_is_learnable_at_64x64():
     x = np.stack(
         [
             _small(
-                synth.render_image(
+                synth_image.render_image(
                     [k for k, on in zip(LABELS, row, strict=True) if on],
                     size=256,
                     seed=3,
@@ -215,8 +217,10 @@ def _core_spread(label: str, index: int) -> float:
     def at_128(pixels):
         return np.asarray(Image.fromarray(pixels).resize((128, 128), Image.LANCZOS), dtype=float)
 
-    diff = at_128(synth.render_image((label,), **args)) - at_128(synth.render_image((), **args))
-    x, y, w, h = (v / 8 for v in synth.finding_boxes((label,), **args)[label])
+    diff = at_128(synth_image.render_image((label,), **args)) - at_128(
+        synth_image.render_image((), **args)
+    )
+    x, y, w, h = (v / 8 for v in synth_image.finding_boxes((label,), **args)[label])
     core = diff[int(y + h / 4) : int(y + 3 * h / 4), int(x + w / 4) : int(x + 3 * w / 4)]
     return float(core.std() / abs(core.mean()))
 
@@ -299,7 +303,10 @@ def test_box_list_has_nih_header_and_a_row_per_boxed_test_finding(small):
     test = set((small / "test_list.txt").read_text().splitlines())
     entries = pd.read_csv(small / synth.CSV_NAME).set_index("Image Index")["Finding Labels"]
     expected = {
-        (name, label) for name in test for label in entries[name].split("|") if label in synth.BOXED
+        (name, label)
+        for name in test
+        for label in entries[name].split("|")
+        if label in synth_image.BOXED
     }
     assert {(r[0], r[1]) for r in rows} == expected and len(rows) == len(expected)
     for _, _, *box, _, _, _ in rows:
@@ -324,20 +331,20 @@ def test_each_box_holds_most_of_its_finding_drawn_alone(view):
     # 512 px: boxes are in stored pixels, the drawing grid is 256 (scale 2).
     for index in range(4):
         args = dict(size=512, seed=11, index=index, patient=index + 3, view=view)
-        boxes = synth.finding_boxes(synth.BOXED, **args)
-        assert set(boxes) == set(synth.BOXED)
+        boxes = synth_image.finding_boxes(synth_image.BOXED, **args)
+        assert set(boxes) == set(synth_image.BOXED)
         for label, box in boxes.items():
-            mass = synth.finding_mass(label, **args)
+            mass = synth_image.finding_mass(label, **args)
             assert _mass_inside(mass, box, 2.0) > 0.8, (label, index, box)
             assert box[2] * box[3] < 0.35 * 512 * 512, (label, box)  # a place, not the image
-    assert synth.finding_boxes(("Emphysema",), size=64) == {}  # diffuse: no box
+    assert synth_image.finding_boxes(("Emphysema",), size=64) == {}  # diffuse: no box
 
 
 def test_boxes_follow_the_jitter_and_scale_with_the_stored_size():
-    one = synth.finding_boxes(("Nodule",), size=256, seed=0, index=1, patient=1)["Nodule"]
-    other = synth.finding_boxes(("Nodule",), size=256, seed=0, index=2, patient=2)["Nodule"]
+    one = synth_image.finding_boxes(("Nodule",), size=256, seed=0, index=1, patient=1)["Nodule"]
+    other = synth_image.finding_boxes(("Nodule",), size=256, seed=0, index=2, patient=2)["Nodule"]
     assert one != other
-    big = synth.finding_boxes(("Nodule",), size=1024, seed=0, index=1, patient=1)["Nodule"]
+    big = synth_image.finding_boxes(("Nodule",), size=1024, seed=0, index=1, patient=1)["Nodule"]
     assert big == tuple(4 * v for v in one)
 
 
