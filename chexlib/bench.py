@@ -24,12 +24,16 @@
   training at ``rate`` images/s. Utilization = busy time / wall time; input
   stall = time spent waiting for the next batch. Every output that uses it
   says "simulated".
+
+The profiling notebook's sweeps (every pipeline on every source, the
+ablation, the simulated-device sweep) and the conclusions written from them
+are in :mod:`chexlib.bench_sweeps`, kept importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib
 import os
 import statistics
 import sys
@@ -42,6 +46,8 @@ import tensorflow as tf
 from chexlib import pipeline
 from chexlib.bench_peers import PEERS, keras_directory_batches, peer_batches, png_sequence
 from chexlib.data import MODEL_INPUT_SIZE
+from chexlib.flags import add_flags, config_from_args, option
+from chexlib.pipeline import NORMALIZATION, OPTIMIZED_STEPS, SOURCES
 from chexlib.results import environment_info, usable_cores, write_json
 
 BENCH_PIPELINES = ("naive", "optimized", *PEERS)
@@ -50,7 +56,11 @@ SIMULATED = "simulated accelerator: sleeps batch/rate seconds per batch, no real
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One pipeline measurement.
+    """One pipeline measurement; every field is a ``chexlib bench-pipeline`` flag.
+
+    A flag is named for its field (``_`` -> ``-``) but for ``--data``,
+    ``--records``, ``--warmup``, ``--data-service`` and the switches
+    ``--no-single-core`` and ``--keras-threads``.
 
     Attributes:
         pipeline: ``naive``, ``optimized``, ``keras-sequence`` or ``keras-directory``.
@@ -85,30 +95,70 @@ class BenchConfig:
             empty: not.
     """
 
-    pipeline: str = "optimized"
-    source: str = "raw"
-    data_dir: str | None = None
-    records_dir: str | None = None
-    split: str = "train"
-    batch_size: int = 32
-    image_size: int = MODEL_INPUT_SIZE
-    model: str = "densenet121"
-    warmup_batches: int = 10
-    batches: int = 60
-    windows: int = 5
-    min_window_sec: float = 1.0
-    device_rate: float | None = None
-    single_core: bool = True
-    single_core_batches: int = 6
-    keras_workers: int | None = None
-    keras_multiprocessing: bool = True
-    data_service_workers: int = 0
-    cache: str | None = None
-    disable: tuple[str, ...] = ()
-    seed: int = 0
-    png_decoder: str = "auto"
-    reference_rates: bool = False
-    paired_with: str = ""
+    pipeline: str = option("pipeline to time", default="optimized", choices=BENCH_PIPELINES)
+    source: str = option("PNG files (raw) or TFRecords", default="raw", choices=SOURCES)
+    data_dir: str | None = option(
+        "dataset folder in the NIH layout (raw source)", default=None, flag="--data"
+    )
+    records_dir: str | None = option(
+        "TFRecord folder (records source)", default=None, flag="--records"
+    )
+    split: str = option(
+        "split read (train: shuffled, repeated)",
+        default="train",
+        choices=("train", "val", "test"),
+    )
+    batch_size: int = option("images per batch", default=32)
+    image_size: int = option("model input side (pixels)", default=MODEL_INPUT_SIZE)
+    model: str = option(
+        "picks the normalisation", default="densenet121", choices=tuple(NORMALIZATION)
+    )
+    warmup_batches: int = option("batches before timing", default=10, flag="--warmup")
+    batches: int = option("timed batches (split into --windows windows)", default=60)
+    windows: int = option("timed windows: images/s is their median", default=5)
+    min_window_sec: float = option(
+        "a timed window also lasts at least this many seconds (fast sources)", default=1.0
+    )
+    device_rate: float | None = option(
+        "SIMULATED accelerator speed (images/s): sleeps batch/R s per batch; reports utilization",
+        default=None,
+    )
+    single_core: bool = option("skip the single-core rate and limit", default=True)
+    single_core_batches: int = option("batches timed for the single-core rate", default=6)
+    keras_workers: int | None = option(
+        "keras-sequence enqueuer workers (default: cores)", default=None
+    )
+    keras_multiprocessing: bool = option(
+        "keras-sequence workers are threads, not processes", default=True, flag="--keras-threads"
+    )
+    data_service_workers: int = option(
+        "read through a local tf.data service with N worker processes",
+        default=0,
+        flag="--data-service",
+    )
+    cache: str | None = option("cache decoded images: 'memory' or a folder", default=None)
+    disable: tuple[str, ...] = option(
+        "turn off one optimized step (repeatable): an ablation from the command line",
+        default=(),
+        choices=tuple(OPTIMIZED_STEPS),
+    )
+    seed: int = option("seed of shuffles and flips", default=0)
+    png_decoder: str = option(
+        "PNG decoder of chexlib's pipelines (auto: libspng when installed)",
+        default="auto",
+        choices=("auto", "tensorflow", "libspng"),
+    )
+    reference_rates: bool = option(
+        "raw PNG: also measure the independent limit (decode_png + plain bilinear, "
+        "one thread x cores) and each decoder alone",
+        default=False,
+    )
+    paired_with: str = option(
+        "also time against this pipeline in alternating rounds in this process "
+        "(a ratio free of drift between processes)",
+        default="",
+        choices=("", *BENCH_PIPELINES),
+    )
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -292,7 +342,8 @@ def _load() -> float:
 # --- what is timed -------------------------------------------------------------------
 
 
-def _metadata(cfg: BenchConfig, metadata=None):
+def metadata_for(cfg: BenchConfig, metadata=None):
+    """The dataset table of a raw-source measurement: ``metadata`` if given, else loaded."""
     if metadata is not None or cfg.source != "raw":
         return metadata
     from chexlib.data import load_metadata
@@ -323,7 +374,7 @@ def pipeline_batches(cfg: BenchConfig, metadata=None, data_service: str | None =
 
 def single_core_rate(cfg: BenchConfig, metadata=None) -> float:
     """Images/s of the same preprocessing pinned to one thread (median of 3 windows)."""
-    metadata = _metadata(cfg, metadata)
+    metadata = metadata_for(cfg, metadata)
     windows = min(3, cfg.single_core_batches)
     batches = windows * max(1, cfg.single_core_batches // windows)
     if cfg.pipeline == "keras-directory":  # its own tf.data pipeline, on one thread
@@ -367,7 +418,7 @@ def measure(
             and preprocessing; None measures it now (if ``cfg.single_core``).
         progress: show a progress bar of the timed batches.
     """
-    metadata = _metadata(cfg, metadata)
+    metadata = metadata_for(cfg, metadata)
     if single_core is None and cfg.single_core:
         single_core = single_core_rate(cfg, metadata)
     stop, service = (lambda: None), None
@@ -579,561 +630,19 @@ def describe(result: dict) -> str:
     return "\n".join(lines)
 
 
-# --- sweeps for the profiling notebook ------------------------------------------------
-
-
-def _configs(name: str, spec: dict, pipelines, settings: dict) -> list[BenchConfig]:
-    out = []
-    for p in pipelines:
-        if p in PEERS and spec["source"] != "raw":
-            continue  # the peers read PNG files only (documented in the notebook)
-        out.append(
-            BenchConfig(
-                pipeline=p,
-                source=spec["source"],
-                data_dir=spec.get("data_dir"),
-                records_dir=spec.get("records_dir"),
-                **settings,
-            )
-        )
-    return out
-
-
-def throughput_sweep(
-    sources: dict[str, dict],
-    pipelines=("naive", "optimized", "keras-sequence", "keras-directory"),
-    metadata=None,
-    progress: bool = True,
-    **settings,
-):
-    """Measure every pipeline on every source; one row per measurement.
-
-    Args:
-        sources: name -> ``{"source": "raw"|"records", "data_dir": ..., "records_dir": ...}``.
-        pipelines: names from ``BENCH_PIPELINES``; the peers run on raw sources only.
-        metadata: dataset table for raw sources, if loaded.
-        **settings: other ``BenchConfig`` fields (batch_size, windows, ...).
-
-    Returns:
-        DataFrame: source_name, pipeline, images_per_sec, min/max, windows
-        (list), single-core rate, limit, fraction_of_limit.
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    jobs = [(n, c) for n, spec in sources.items() for c in _configs(n, spec, pipelines, settings)]
-    single: dict = {}  # (source name, peer or None) -> single-core rate, measured once
-    rows = []
-    for name, cfg in tqdm(jobs, desc="throughput", disable=not progress):
-        key = (name, cfg.pipeline if cfg.pipeline in PEERS else None)
-        if key not in single:
-            single[key] = single_core_rate(cfg, metadata)
-        rows.append({"source_name": name, **_row(measure(cfg, metadata, single_core=single[key]))})
-    return pd.DataFrame(rows)
-
-
-def _row(r: dict) -> dict:
-    return {
-        "pipeline": r["pipeline"],
-        "source": r["source"],
-        "source_variant": r["variant"],
-        "images_per_sec": r["images_per_sec"],
-        "images_per_sec_min": r["images_per_sec_spread"]["min"],
-        "images_per_sec_max": r["images_per_sec_spread"]["max"],
-        "windows": r["images_per_sec_windows"],
-        "single_core_images_per_sec": r.get("single_core_images_per_sec"),
-        "limit_images_per_sec": r.get("limit_images_per_sec"),
-        "fraction_of_limit": r.get("fraction_of_limit"),
-        "utilization": r.get("utilization"),
-        "stall_fraction": r["stall_fraction"],
-        "device_rate": r.get("device_rate"),
-        "png_decoder": r.get("pipeline_settings", {}).get("png_decoder"),
-        # CPU time of this process per image (all its threads): what feeding one image
-        # costs in core-milliseconds, whatever the number of cores
-        "cpu_ms_per_image": r.get("cpu_ms_per_image"),
-        "cpu_count": r["cpu_count"],
-    }
-
-
-def ablation(
-    source: str,
-    *,
-    data_dir=None,
-    records_dir=None,
-    metadata=None,
-    steps=None,
-    include_naive: bool = True,
-    progress: bool = True,
-    **settings,
-):
-    """The optimized pipeline, then optimized minus one step at a time (then naive).
-
-    Args:
-        source: ``raw`` or ``records``.
-        steps: step names (``pipeline.OPTIMIZED_STEPS``); default all that act on the source.
-        include_naive: add the naive pipeline (every step off) as the last row.
-        **settings: other ``BenchConfig`` fields.
-
-    Returns:
-        DataFrame: variant, step, images_per_sec (+ min/max), fraction_of_limit,
-        relative (throughput / optimized with all steps).
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    base = BenchConfig(
-        pipeline="optimized", source=source, data_dir=data_dir, records_dir=records_dir, **settings
-    )
-    metadata = _metadata(base, metadata)
-    single = single_core_rate(base, metadata)
-    variants = [("optimized (all steps)", None, base)]
-    variants += [
-        (f"minus {s}", s, dataclasses.replace(base, disable=(s,)))
-        for s in (steps or pipeline.steps_for(source))
-    ]
-    if include_naive:
-        variants.append(("naive (no steps)", "all", dataclasses.replace(base, pipeline="naive")))
-    rows = []
-    for label, step, cfg in tqdm(variants, desc=f"ablation {source}", disable=not progress):
-        rows.append(
-            {"variant": label, "step": step, **_row(measure(cfg, metadata, single_core=single))}
-        )
-    df = pd.DataFrame(rows)
-    df["relative"] = df["images_per_sec"] / df["images_per_sec"].iloc[0]
-    return df
-
-
-def ablation_sweep(
-    sources: dict[str, dict], names, metadata=None, progress: bool = True, **settings
-):
-    """:func:`ablation` on each source in ``names`` (keys of ``sources``), stacked, with ``source_name``."""
-    import pandas as pd
-
-    parts = [
-        ablation(
-            sources[n]["source"],
-            data_dir=sources[n].get("data_dir"),
-            records_dir=sources[n].get("records_dir"),
-            metadata=metadata,
-            progress=progress,
-            **settings,
-        ).assign(source_name=n)
-        for n in names
-    ]
-    return pd.concat(parts, ignore_index=True)
-
-
-def utilization_sweep(
-    source: str,
-    rates,
-    *,
-    data_dir=None,
-    records_dir=None,
-    metadata=None,
-    pipelines=("naive", "optimized"),
-    rates_are_fractions: bool = True,
-    progress: bool = True,
-    **settings,
-):
-    """SIMULATED accelerator utilization against its speed, for each pipeline.
-
-    Args:
-        rates: device speeds; fractions of the measured CPU limit when
-            ``rates_are_fractions`` (portable across machines), else images/s.
-        pipelines: pipelines compared (default naive vs optimized).
-        **settings: other ``BenchConfig`` fields.
-
-    Returns:
-        DataFrame: pipeline, device_rate (images/s), rate_vs_limit,
-        utilization, stall_fraction, images_per_sec, limit_images_per_sec.
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    base = BenchConfig(
-        pipeline="optimized", source=source, data_dir=data_dir, records_dir=records_dir, **settings
-    )
-    metadata = _metadata(base, metadata)
-    single = single_core_rate(base, metadata)
-    limit = usable_cores() * single
-    jobs = [(p, r * limit if rates_are_fractions else float(r)) for p in pipelines for r in rates]
-    rows = []
-    for p, rate in tqdm(jobs, desc="utilization (simulated)", disable=not progress):
-        cfg = dataclasses.replace(base, pipeline=p, device_rate=rate)
-        row = _row(measure(cfg, metadata, single_core=single))
-        rows.append({**row, "rate_vs_limit": rate / limit, "device": SIMULATED})
-    return pd.DataFrame(rows)
-
-
-# --- figures and the computed conclusion ---------------------------------------------
-
-
-# The figures live in chexlib.bench_plots (no TensorFlow there); kept importable from here.
-from chexlib.bench_plots import plot_ablation, plot_throughput, plot_utilization  # noqa: E402, F401
-
-
-def _pick(df, **match):
-    rows = df
-    for k, v in match.items():
-        rows = rows[rows[k] == v]
-    return rows["images_per_sec"].iloc[0] if len(rows) else None
-
-
-def conclusion_markdown(
-    throughput=None, ablation_df=None, utilization=None, cores: int | None = None
-) -> str:
-    """A short conclusion written from the measured numbers (Markdown)."""
-    cores = cores or usable_cores()
-    lines = [
-        f"**What these numbers say** (measured on this machine: {cores} CPU cores, no GPU):",
-        "",
-    ]
-    if throughput is not None and len(throughput):
-        lines += _throughput_findings(throughput)
-    if ablation_df is not None and len(ablation_df):
-        lines += _ablation_findings(ablation_df)
-    if utilization is not None and len(utilization):
-        lines += _utilization_findings(utilization)
-    return "\n".join(lines)
-
-
-def _throughput_findings(df) -> list[str]:
-    out = []
-    for name in dict.fromkeys(df["source_name"]):
-        part = df[df["source_name"] == name]
-        opt, naive = _pick(part, pipeline="optimized"), _pick(part, pipeline="naive")
-        keras = _pick(part, pipeline="keras-sequence")
-        directory = _pick(part, pipeline="keras-directory")
-        if opt is None:
-            continue
-        text = f"- **{name}**: optimized {opt:.0f} images/s"
-        if naive:
-            text += f", {opt / naive:.2f}x naive ({naive:.0f})"
-        frac = part.loc[part["pipeline"] == "optimized", "fraction_of_limit"].iloc[0]
-        if frac is not None and not math.isnan(frac):
-            text += f"; {frac:.0%} of the CPU limit"
-        if keras:
-            text += f"; {opt / keras:.2f}x the Keras Sequence peer ({keras:.0f})"
-        if directory:
-            text += (
-                f"; {opt / directory:.2f}x Keras's image_dataset_from_directory "
-                f"({directory:.0f}, no antialiasing)"
-            )
-        out.append(text + ".")
-    opt = df[df["pipeline"] == "optimized"].set_index("source_name")["images_per_sec"]
-    if "raw" in opt.index:
-        for name, value in opt.items():
-            if name != "raw":
-                gain = value / opt["raw"]
-                poster = (
-                    "; the poster measured +8 % to +13 % for PNG bytes in TFRecords, in training"
-                    if name == "records-png"
-                    else ""
-                )
-                out.append(
-                    f"- Optimized on **{name}** reads {gain:.2f}x as fast as on raw PNG files "
-                    f"({gain - 1:+.0%}{poster})."
-                )
-    over = df[df["fraction_of_limit"].fillna(0) > 1.05]
-    if len(over):
-        out.append(
-            f"- {len(over)} measurement(s) exceed the limit by more than 5 %: the single-core "
-            "rate was measured low (noise, or per-batch overhead that one thread pays in full)."
-        )
-    return out + [""]
-
-
-def _ablation_findings(df) -> list[str]:
-    out = []
-    hue = "source_name" if "source_name" in df else "source"
-    for name in dict.fromkeys(df[hue]):
-        part = df[(df[hue] == name) & df["step"].notna() & (df["step"] != "all")]
-        if not len(part):
-            continue
-        worst = part.loc[part["relative"].idxmin()]
-        free = part[part["relative"] >= 0.95]["step"].tolist()
-        text = (
-            f"- Ablation on **{name}**: removing *{worst['step']}* costs the most "
-            f"({1 - worst['relative']:.0%} of the optimized throughput)"
-        )
-        if free:
-            text += f"; removing {', '.join(free)} costs under 5 % here"
-        out.append(text + ".")
-    return out + [""]
-
-
-def _utilization_findings(df) -> list[str]:
-    out = []
-    for p in dict.fromkeys(df["pipeline"]):
-        part = df[df["pipeline"] == p].sort_values("device_rate")
-        kept = part[part["utilization"] >= 0.95]
-        if len(kept):
-            best = kept.iloc[-1]
-            out.append(
-                f"- SIMULATED accelerator, **{p}**: utilization stays >= 95 % up to "
-                f"{best['device_rate']:.0f} images/s ({best['rate_vs_limit']:.0%} of the CPU limit)."
-            )
-        else:
-            out.append(
-                f"- SIMULATED accelerator, **{p}**: utilization never reaches 95 % "
-                f"(best {part['utilization'].max():.0%})."
-            )
-    out.append(
-        "- A device faster than the CPU limit starves whatever the pipeline: then the answer is "
-        "cheaper records (compact) or more CPUs (the tf.data service)."
-    )
-    return out + [""]
-
-
-# --- the profiling notebook's parameters ------------------------------------------------
-
-NOTEBOOK_SOURCES = ("raw", "records-png", "records-compact")
-
-
-@dataclass(frozen=True)
-class ProfileConfig:
-    """Parameters of ``notebooks/03_pipeline_profiling.ipynb``, validated.
-
-    Attributes:
-        output_dir: where the run record, figures and converted records go.
-        data_dir: dataset in the NIH layout.
-        generate: generate a dataset into data_dir when it holds none.
-        n_images: images generated.
-        source_size: side of the generated PNGs (NIH: 1024).
-        sources: any of ``raw``, ``records-png``, ``records-compact``.
-        pipelines: any of ``naive``, ``optimized``, ``keras-sequence``, ``keras-directory``.
-        batch_size, image_size, model: what the pipelines produce.
-        warmup_batches: batches before timing.
-        batches: timed batches per measurement.
-        repeats: timed windows per measurement (median and spread over them).
-        device_rate_fractions: SIMULATED device speeds as fractions of the CPU limit.
-        utilization_source: source of the simulated-device sweep.
-        ablation_sources: sources on which optimized loses one step at a time.
-        images_per_shard: records per TFRecord shard when converting.
-        records_size: side of the compact records' images.
-        keras_workers: processes of the Keras Sequence peer (0: all cores).
-        data_service_workers: also read through a local tf.data service with
-            this many workers (0: skip).
-        seed: seed of generation, shuffles and flips.
-    """
-
-    output_dir: str
-    data_dir: str
-    generate: bool = True
-    n_images: int = 300
-    source_size: int = 1024
-    sources: tuple[str, ...] = NOTEBOOK_SOURCES
-    pipelines: tuple[str, ...] = BENCH_PIPELINES
-    batch_size: int = 32
-    image_size: int = MODEL_INPUT_SIZE
-    model: str = "densenet121"
-    warmup_batches: int = 10
-    batches: int = 40
-    repeats: int = 5
-    min_window_sec: float = 1.0
-    device_rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.7, 0.9, 1.2)
-    utilization_source: str = "raw"
-    ablation_sources: tuple[str, ...] = ("raw", "records-compact")
-    images_per_shard: int = 32
-    records_size: int = 256
-    keras_workers: int = 0
-    data_service_workers: int = 0
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("sources", "pipelines", "device_rate_fractions", "ablation_sources"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-        def check(ok: bool, message: str):
-            if not ok:
-                raise ValueError(f"ProfileConfig: {message}")
-
-        check(bool(self.output_dir) and bool(self.data_dir), "output_dir and data_dir are required")
-        bad = [s for s in self.sources if s not in NOTEBOOK_SOURCES]
-        check(not bad, f"unknown sources {bad}; choose from {NOTEBOOK_SOURCES}")
-        bad = [p for p in self.pipelines if p not in BENCH_PIPELINES]
-        check(not bad, f"unknown pipelines {bad}; choose from {BENCH_PIPELINES}")
-        bad = [
-            s for s in (*self.ablation_sources, self.utilization_source) if s not in self.sources
-        ]
-        check(not bad, f"ablation/utilization sources {bad} are not among sources {self.sources}")
-        check(bool(self.ablation_sources), "ablation_sources must name at least one source")
-        check(self.n_images >= 2 * self.batch_size, "generate at least two batches of images")
-        check(
-            self.batch_size >= 1 and self.image_size >= 8 and self.source_size >= 32,
-            "sizes out of range",
-        )
-        check(self.repeats >= 1 and self.batches >= self.repeats, "need batches >= repeats >= 1")
-        check(all(f > 0 for f in self.device_rate_fractions), "device rate fractions must be > 0")
-        check(
-            self.model in pipeline.NORMALIZATION,
-            f"model must be one of {tuple(pipeline.NORMALIZATION)}",
-        )
-        check(
-            self.keras_workers >= 0 and self.data_service_workers >= 0, "worker counts must be >= 0"
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def bench_settings(self) -> dict:
-        """``BenchConfig`` fields shared by every measurement of the notebook."""
-        return dict(
-            batch_size=self.batch_size,
-            image_size=self.image_size,
-            model=self.model,
-            warmup_batches=self.warmup_batches,
-            batches=self.batches,
-            windows=self.repeats,
-            min_window_sec=self.min_window_sec,
-            keras_workers=self.keras_workers or None,
-            seed=self.seed,
-        )
-
-
-def prepare_sources(cfg: ProfileConfig, progress: bool = True) -> dict[str, dict]:
-    """Generate the dataset if asked and absent, and convert the record variants the sources need.
-
-    Records go to ``output_dir/records-<variant>``; a finished conversion with
-    the same settings is reused (``records.convert`` resumes and skips).
-
-    Returns:
-        name -> ``{"source", "data_dir", "records_dir"}`` for each of ``cfg.sources``.
-    """
-    from chexlib.data import CSV_NAMES
-
-    data_dir = Path(cfg.data_dir)
-    if cfg.generate and not any((data_dir / n).is_file() for n in CSV_NAMES):
-        from chexlib.synth import generate
-
-        generate(
-            data_dir, n_images=cfg.n_images, size=cfg.source_size, seed=cfg.seed, progress=progress
-        )
-    sources = {}
-    for name in cfg.sources:
-        spec = {"source": "raw", "data_dir": str(data_dir), "records_dir": None}
-        if name.startswith("records-"):
-            from chexlib import records
-
-            variant = name.removeprefix("records-")
-            records_dir = Path(cfg.output_dir) / name
-            extra = {"size": cfg.records_size} if variant == "compact" else {}
-            records.convert(
-                data_dir,
-                records_dir,
-                variant=variant,
-                images_per_shard=cfg.images_per_shard,
-                progress=progress,
-                overwrite=True,
-                **extra,
-            )
-            spec.update(source="records", records_dir=str(records_dir))
-        sources[name] = spec
-    return sources
-
-
 # --- command line ---------------------------------------------------------------------
 
 
 def add_bench_pipeline_arguments(parser) -> None:
-    a = parser.add_argument
-    a("--pipeline", choices=BENCH_PIPELINES, default="optimized", help="pipeline to time")
-    a("--source", choices=pipeline.SOURCES, default="raw", help="PNG files (raw) or TFRecords")
-    a("--data", dest="data_dir", default=None, help="dataset folder in the NIH layout (raw source)")
-    a("--records", dest="records_dir", default=None, help="TFRecord folder (records source)")
-    a(
-        "--split",
-        default="train",
-        choices=("train", "val", "test"),
-        help="split read (train: shuffled, repeated)",
-    )
-    a("--batch-size", type=int, default=32, help="images per batch")
-    a("--image-size", type=int, default=224, help="model input side (pixels)")
-    a(
-        "--model",
-        default="densenet121",
-        choices=tuple(pipeline.NORMALIZATION),
-        help="picks the normalisation",
-    )
-    a("--batches", type=int, default=60, help="timed batches (split into --windows windows)")
-    a("--windows", type=int, default=5, help="timed windows: images/s is their median")
-    a("--warmup", dest="warmup_batches", type=int, default=10, help="batches before timing")
-    a(
-        "--min-window-sec",
-        type=float,
-        default=1.0,
-        help="a timed window also lasts at least this many seconds (fast sources)",
-    )
-    a(
-        "--device-rate",
-        type=float,
-        default=None,
-        help="SIMULATED accelerator speed (images/s): sleeps batch/R s per batch; reports utilization",
-    )
-    a(
-        "--no-single-core",
-        dest="single_core",
-        action="store_false",
-        help="skip the single-core rate and limit",
-    )
-    a("--single-core-batches", type=int, default=6, help="batches timed for the single-core rate")
-    a(
-        "--keras-workers",
-        type=int,
-        default=None,
-        help="keras-sequence enqueuer workers (default: cores)",
-    )
-    a(
-        "--keras-threads",
-        dest="keras_multiprocessing",
-        action="store_false",
-        help="keras-sequence workers are threads, not processes",
-    )
-    a(
-        "--data-service",
-        dest="data_service_workers",
-        type=int,
-        default=0,
-        help="read through a local tf.data service with N worker processes",
-    )
-    a("--cache", default=None, help="cache decoded images: 'memory' or a folder")
-    a(
-        "--disable",
-        action="append",
-        default=[],
-        choices=tuple(pipeline.OPTIMIZED_STEPS),
-        help="turn off one optimized step (repeatable): an ablation from the command line",
-    )
-    a("--seed", type=int, default=0, help="seed of shuffles and flips")
-    a(
-        "--png-decoder",
-        choices=("auto", "tensorflow", "libspng"),
-        default="auto",
-        help="PNG decoder of chexlib's pipelines (auto: libspng when installed)",
-    )
-    a(
-        "--reference-rates",
-        action="store_true",
-        help="raw PNG: also measure the independent limit (decode_png + plain bilinear, "
-        "one thread x cores) and each decoder alone",
-    )
-    a(
-        "--paired-with",
-        default="",
-        choices=("", *BENCH_PIPELINES),
-        help="also time against this pipeline in alternating rounds in this process "
-        "(a ratio free of drift between processes)",
-    )
-    a("--json", default=None, help="write the measurement record here")
+    """A flag per :class:`BenchConfig` field (help, choices in its metadata), then ``--json``."""
+    add_flags(parser, BenchConfig, default_help="")
+    parser.add_argument("--json", default=None, help="write the measurement record here")
 
 
 def run_bench_pipeline(args) -> int:
     """``chexlib bench-pipeline``: time one pipeline, print it, optionally write JSON."""
-    fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["disable"] = tuple(values.get("disable") or ())
     try:
-        cfg = BenchConfig(**values)
+        cfg = config_from_args(BenchConfig, args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1143,3 +652,30 @@ def run_bench_pipeline(args) -> int:
         write_json(args.json, result)
         print(f"  written: {args.json}")
     return 0
+
+
+# --- kept importable from here ---------------------------------------------------------
+
+# module -> names of the profiling notebook's sweeps, conclusions and figures
+_ELSEWHERE = {
+    "chexlib.bench_sweeps": (
+        "NOTEBOOK_SOURCES",
+        "ProfileConfig",
+        "ablation",
+        "ablation_sweep",
+        "conclusion_markdown",
+        "prepare_sources",
+        "throughput_sweep",
+        "utilization_sweep",
+    ),
+    "chexlib.bench_plots": ("plot_ablation", "plot_throughput", "plot_utilization"),
+}
+
+
+def __getattr__(name: str):
+    """``bench.throughput_sweep`` and the others of ``_ELSEWHERE``, imported when first used
+    (``chexlib.bench_sweeps`` imports this module; figures need no TensorFlow)."""
+    for module, names in _ELSEWHERE.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,13 +49,14 @@ import dataclasses
 import glob
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from chexlib.data import LABELS
+from chexlib.flags import add_flags, config_from_args, option
 
 BBOX_NAME = "BBox_List_2017.csv"
 # NIH's box list spells one finding differently from Data_Entry_2017.csv.
@@ -88,35 +89,35 @@ class ExplainError(ValueError):
     """A run, dataset or box list that cannot be explained; the message says why."""
 
 
-def _opt(help_text: str, choices: tuple = (), **kwargs):
-    return field(metadata={"help": help_text, "choices": choices}, **kwargs)
-
-
 @dataclass(frozen=True)
 class ExplainConfig:
-    """One ``chexlib explain`` call; every field but ``run`` is a flag (``_`` -> ``-``)."""
+    """One ``chexlib explain`` call: ``run`` is its positional argument, every other field a flag."""
 
-    run: str = _opt("trained run folder (chexlib train --out), or a folder holding one", default="")
-    data: str = _opt(
+    run: str = option(
+        "trained run folder (chexlib train --out), or a folder holding one",
+        default="",
+        positional=True,
+    )
+    data: str = option(
         "dataset folder in the NIH layout (with BBox_List_2017.csv to score)", default=""
     )
-    images: int = _opt(
+    images: int = option(
         "test images explained, boxed ones first; 0: every boxed test image "
         "(every test image when there is no box list)",
         default=0,
     )
-    out: str = _opt("output folder; empty: RUN/explain", default="")
-    top: int = _opt("top-scoring findings explained per image, besides the boxed ones", default=3)
-    threshold: float = _opt("IoU mask: heatmap >= this x its maximum", default=0.5)
-    layer: str = _opt("layer explained; empty: the last convolutional block", default="")
-    upsampling: str = _opt(
+    out: str = option("output folder; empty: RUN/explain", default="")
+    top: int = option("top-scoring findings explained per image, besides the boxed ones", default=3)
+    threshold: float = option("IoU mask: heatmap >= this x its maximum", default=0.5)
+    layer: str = option("layer explained; empty: the last convolutional block", default="")
+    upsampling: str = option(
         "heatmap upsampling to the input: bicubic (peaks between cell centres) or bilinear "
         "(the Grad-CAM paper's; every peak on a cell centre)",
         default="bicubic",
         choices=UPSAMPLING,
     )
-    batch_size: int = _opt("images per Grad-CAM batch", default=16)
-    overlay_size: int = _opt("overlay PNG side in pixels (at least the model input)", default=256)
+    batch_size: int = option("images per Grad-CAM batch", default=16)
+    overlay_size: int = option("overlay PNG side in pixels (at least the model input)", default=256)
 
     def __post_init__(self):
         checks = (
@@ -653,30 +654,17 @@ def _progress(items, on: bool):
 
 # --- command line ---------------------------------------------------------------------
 
-_TYPES = {"str": str, "int": int, "float": float}
-
 
 def add_arguments(parser) -> None:
     """``RUN`` positional, then one flag per other :class:`ExplainConfig` field."""
-    parser.add_argument("run", help=ExplainConfig.__dataclass_fields__["run"].metadata["help"])
-    for f in dataclasses.fields(ExplainConfig):
-        if f.name != "run":
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"),
-                type=_TYPES[f.type],
-                default=f.default,
-                choices=f.metadata["choices"] or None,
-                help=f"{f.metadata['help']} (default: {f.default!r})",
-            )
+    add_flags(parser, ExplainConfig)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:
     """``chexlib explain RUN --data DIR``: write overlays and scores, print the summary."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)}
-    summary = explain(
-        ExplainConfig(**values), progress=not args.no_progress and sys.stderr.isatty()
-    )
+    config = config_from_args(ExplainConfig, args)
+    summary = explain(config, progress=not args.no_progress and sys.stderr.isatty())
     for key, value in summary.items():
         if key != "per_finding":
             print(f"{key:<20} {value}")

@@ -20,13 +20,9 @@ FUNCTION_LINES = 60  # from ``def`` to its last line, docstring included
 
 # Still over the limits, at most this size: {module: lines} and {"module:function": lines}.
 MODULES_OVER: dict[str, int] = {
-    "bench.py": 1145,
-    "launch.py": 932,
     "train.py": 1141,
 }
 FUNCTIONS_OVER: dict[str, int] = {
-    "bench.py:add_bench_pipeline_arguments": 90,
-    "launch.py:run_function": 62,
 }
 
 

@@ -13,7 +13,7 @@ import time
 import cloudpickle
 import pytest
 
-from chexlib import launch
+from chexlib import launch, launch_ranks
 
 # Horovod sends functions to its ranks with cloudpickle; the ranks cannot import
 # this test module, so its functions travel by value.
@@ -86,7 +86,7 @@ def test_stack_summary_shows_the_main_thread():
         '  File "/x/job.py", line 12 in main\n'
     )
     assert (
-        launch._where(dump)
+        launch_ranks._where(dump)
         == 'File "/x/job.py", line 7 in stall\n      File "/x/job.py", line 12 in main'
     )
 
@@ -101,7 +101,7 @@ def test_horovod_run_names_the_rank_that_hangs():
     assert "horovod.run: timed out after 15 s; rank(s) still running: 1 (stopped)" in message
     assert "Ranks that had ended: 0" in message
     assert "in _hang_on_rank_1" in message  # the line rank 1 was stuck on, from its stack
-    assert launch._rank_processes(os.getpid()) == {}  # nothing left running
+    assert launch_ranks.rank_processes(os.getpid()) == {}  # nothing left running
 
 
 @pytest.mark.slow
