@@ -1,6 +1,8 @@
 """The Keras callbacks of a training run, and the throughput accounting they feed.
 
-Imported by :mod:`chexlib.train` only when a run starts (it imports TensorFlow).
+Imported only when a run starts (it imports TensorFlow), by :mod:`chexlib.train`.
+Each callback is given the values it reads or updates (the model, the
+optimizer, the run's history list, a scorer), never the run as an object.
 
 Throughput: the first ``throughput_warmup_steps`` steps of the run (compilation,
 pipeline start-up) are not timed, nor is the first step of each later epoch
@@ -12,7 +14,7 @@ when no full window exists, the rate over what was timed is reported with a
 note (and, failing that, the rate over the warm-up steps), never nothing.
 
 With ``--paired-synthetic`` the dataset alternates real and synthetic windows
-by step count within each epoch (:func:`chexlib.train.paired_with_synthetic`);
+by step count within each epoch (:func:`chexlib.rank_data.paired_with_synthetic`);
 its windows then restart at each epoch, after :func:`untimed_steps` steps,
 so the callback's windows are exactly the dataset's.
 """
@@ -22,11 +24,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from chexlib.checkpoints import save_checkpoint
 from chexlib.data import LABELS
+from chexlib.evaluate import sync_moving_statistics
 
 # --- throughput accounting (pure functions) --------------------------------------------
 
@@ -204,11 +210,26 @@ class ThroughputCallback(tf.keras.callbacks.Callback):
 
 
 class EvaluationCallback(tf.keras.callbacks.Callback):
-    """Validation AUROC and loss each epoch (all ranks), and the per-epoch history."""
+    """Validation AUROC and loss each epoch (all ranks), and the per-epoch history.
 
-    def __init__(self, run):
+    Args:
+        history: the run's per-epoch records; one is appended each epoch.
+        ranks: the number of Horovod ranks.
+        throughput: this rank's step times (for the epoch's images/s).
+        score_val: scores the model on the validation split
+            (:func:`chexlib.evaluate.split_scorers`); None: no evaluation.
+    """
+
+    def __init__(
+        self,
+        history: list[dict],
+        ranks: int,
+        throughput: ThroughputCallback,
+        score_val: Callable[[], dict] | None = None,
+    ):
         super().__init__()
-        self.run = run
+        self.history, self.ranks, self.throughput = history, ranks, throughput
+        self.score_val = score_val
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
@@ -218,14 +239,14 @@ class EvaluationCallback(tf.keras.callbacks.Callback):
 
         logs = logs if logs is not None else {}
         train_seconds = time.perf_counter() - self.start
-        self.run.sync_moving_statistics()
+        sync_moving_statistics(self.model, self.ranks)
         record = {
             "epoch": epoch + 1,
             "loss": None if logs.get("loss") is None else float(logs["loss"]),
             "lr": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
         }
-        if self.run.evaluate:
-            result = self.run.evaluate_split("val")
+        if self.score_val is not None:
+            result = self.score_val()
             logs["val_loss"] = result["loss"]
             logs["val_mean_auroc"] = _nan(result["mean_auroc"])
             record.update(
@@ -234,16 +255,16 @@ class EvaluationCallback(tf.keras.callbacks.Callback):
                 val_auroc=result["auroc"],
                 val_auroc_reasons=result["auroc_reasons"],
             )
-        rate = self.run.throughput.epoch_rate(epoch)
+        rate = self.throughput.epoch_rate(epoch)
         # Horovod: every rank's rate of this epoch, for the job's images/s.
-        rates = hvd_tf.allgather_object(rate) if self.run.size > 1 else [rate]
+        rates = hvd_tf.allgather_object(rate) if self.ranks > 1 else [rate]
         record.update(
             train_seconds=train_seconds,
             eval_seconds=time.perf_counter() - self.start - train_seconds,
             images_per_sec_rank=rate,
             images_per_sec=float(sum(rates)) if all(r is not None for r in rates) else None,
         )
-        self.run.history.append(record)
+        self.history.append(record)
 
 
 class PlateauCallback(tf.keras.callbacks.ReduceLROnPlateau):
@@ -285,14 +306,36 @@ class PlateauCallback(tf.keras.callbacks.ReduceLROnPlateau):
 
 
 class CheckpointCallback(tf.keras.callbacks.Callback):
-    """Rank 0: a complete checkpoint after every epoch (see ``_Run.save_checkpoint``)."""
+    """Rank 0: a complete checkpoint after every epoch (:func:`save_checkpoint`).
 
-    def __init__(self, run):
+    Args:
+        out: the run folder.
+        model, optimizer: what is saved (the optimizer passed to ``compile``, not
+            ``model.optimizer``: under mixed precision that is Keras' loss-scale wrapper).
+        plateau: the run's :class:`PlateauCallback`, whose counters are saved (so this
+            callback comes after it).
+        history: the run's per-epoch records (after :class:`EvaluationCallback`).
+        config, ranks, settings: recorded with each checkpoint (:func:`save_checkpoint`).
+    """
+
+    def __init__(
+        self, out: Path, model, optimizer, plateau, history: list[dict], *, config, ranks, settings
+    ):
         super().__init__()
-        self.run = run
+        self.out, self.saved_model, self.optimizer = out, model, optimizer
+        self.plateau, self.history = plateau, history
+        self.recorded = {"config": config, "ranks": ranks, "settings": settings}
 
     def on_epoch_end(self, epoch, logs=None):
-        self.run.save_checkpoint(epoch + 1)
+        save_checkpoint(
+            self.out,
+            epoch + 1,
+            model=self.saved_model,
+            optimizer=self.optimizer,
+            plateau=self.plateau.get_state(),
+            history=self.history,
+            **self.recorded,
+        )
 
 
 class TensorBoardCallback(tf.keras.callbacks.Callback):
@@ -300,17 +343,23 @@ class TensorBoardCallback(tf.keras.callbacks.Callback):
 
     Scalars (step = epoch, 1-based): ``loss``, ``learning_rate``, ``val_loss``,
     ``val_mean_auroc``, ``val_auroc/<label>`` (defined classes), ``images_per_sec``
-    (all ranks) and ``images_per_sec_per_rank``; read from the epoch's history
-    record, so it must come after :class:`EvaluationCallback`.
+    (all ranks) and ``images_per_sec_per_rank``; read from the epoch's record in
+    ``history``, so it must come after :class:`EvaluationCallback`.
 
     ``profile`` = (first, last): steps of the run, 1-based, counted over all
     epochs (a resumed run goes on counting), traced by the TF profiler into
     ``logdir/plugins/profile/<time>/`` (TensorBoard's profile tab).
     """
 
-    def __init__(self, run, logdir: str, profile: tuple[int, int] | None, steps_per_epoch: int):
+    def __init__(
+        self,
+        history: list[dict],
+        logdir: str,
+        profile: tuple[int, int] | None,
+        steps_per_epoch: int,
+    ):
         super().__init__()
-        self.run, self.logdir, self.profile = run, logdir, profile
+        self.history, self.logdir, self.profile = history, logdir, profile
         self.steps_per_epoch, self.tracing = steps_per_epoch, False
         self.writer = tf.summary.create_file_writer(logdir)
 
@@ -335,7 +384,7 @@ class TensorBoardCallback(tf.keras.callbacks.Callback):
             self.tracing = False
 
     def on_epoch_end(self, epoch, logs=None):
-        record = self.run.history[-1]
+        record = self.history[-1]
         scalars = {
             "loss": record.get("loss"),
             "learning_rate": record.get("lr"),

@@ -19,9 +19,7 @@ MODULE_LINES = 700
 FUNCTION_LINES = 60  # from ``def`` to its last line, docstring included
 
 # Still over the limits, at most this size: {module: lines} and {"module:function": lines}.
-MODULES_OVER: dict[str, int] = {
-    "train.py": 1141,
-}
+MODULES_OVER: dict[str, int] = {}
 FUNCTIONS_OVER: dict[str, int] = {}
 
 
