@@ -1,10 +1,12 @@
 """chexlib: fast CheXNet training on NIH ChestX-ray14, measured.
 
-One module per idea: ``data`` (metadata, splits, validation), ``synth``
-(a generated dataset in the NIH layout), ``images`` (decoding to one channel),
-``records`` (TFRecords), ``pipeline`` (tf.data builders), ``bench``
-(measurement), ``models``, ``train`` (Horovod), ``launch``, ``study``
-(papermill sweeps), ``results`` (run records, tables, figures), ``cli``.
+One module per idea, in layers: data (``data``, ``images``, ``synth*``),
+records (``records*``), the input pipeline (``sources``, ``imageops``,
+``spng``, ``pipeline``, ``dataservice``), training (``train`` and the modules
+it names), launching (``launch*``, ``ranklog``, ``interactive``), measuring
+(``bench*``), the study and its reports (``study``, ``results``, ``summary``,
+``verdicts``, ``plots``, ...; no TensorFlow), Grad-CAM (``explain``), and the
+command line (``cli``, ``flags``). The README's module table lists them all.
 
 Heavy dependencies (TensorFlow, Horovod) are imported inside the modules that
 need them, so ``import chexlib`` and the data tools stay fast.

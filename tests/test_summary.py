@@ -159,7 +159,8 @@ def test_feeding_projection_multiplies_measured_cost_by_published_rate():
 
 def test_reporting_layer_does_not_start_tensorflow():
     code = (
-        "import sys; from chexlib import summary, plots, verdicts, feeding, bench_plots, publish; "
+        "import sys; from chexlib import summary, plots, verdicts, feeding, bench_plots, publish, "
+        "study, notebook, results, run_report, reference, figures, style, teaching, bench_report; "
         "print('tensorflow' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
