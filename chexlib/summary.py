@@ -26,6 +26,7 @@ from chexlib.reference import (
     POSTER_VAL_AUROC,
 )
 from chexlib.results import collect_runs
+from chexlib.run_record import RunRecord, RunRecordError, is_training_record
 
 INPUT_ORDER = ["raw PNG", "png-records", "compact-records", "synthetic"]
 MODEL_ORDER = ["standin", "densenet121", "resnet50", "tiny"]
@@ -39,9 +40,9 @@ CONFIG = ["model", "pipeline", "input", "pin_cores", "image_size", "batch_size_p
 RUN_KEY = [*CONFIG, "ranks", "epochs", "evaluated", "synthetic_paired"]
 
 
-def _input_name(params: dict, metrics: dict) -> str:
+def _input_name(params: dict, source: str) -> str:
     """raw PNG / png-records / compact-records, from the records manifest when there is one."""
-    if metrics.get("source") != "records":
+    if source != "records":
         return "raw PNG"
     records_dir = (params.get("train") or {}).get("records") or ""
     manifest = Path(records_dir) / "manifest.json"
@@ -52,45 +53,59 @@ def _input_name(params: dict, metrics: dict) -> str:
     return "records"
 
 
-def _paired_spread(m: dict) -> tuple[float | None, float | None]:
+def _paired_spread(run: RunRecord) -> tuple[float | None, float | None]:
     """Smallest and largest real/synthetic window ratio over ranks of a paired run."""
-    paired = m.get("paired_synthetic") or []
+    paired = run.paired_synthetic or []
     lows = [p.get("ratio_min") for p in paired if p.get("ratio_min") is not None]
     highs = [p.get("ratio_max") for p in paired if p.get("ratio_max") is not None]
     return (min(lows) if lows else None, max(highs) if highs else None)
 
 
+def training_run(rec: dict) -> RunRecord:
+    """The :class:`RunRecord` of a training run's record (``collect_runs`` shape).
+
+    Raises:
+        RunRecordError: its ``metrics.json`` lacks a key or has an unknown one;
+            the message names the run folder and the keys.
+    """
+    try:
+        return RunRecord.from_dict(rec["metrics"])
+    except RunRecordError as err:
+        raise RunRecordError(f"{rec.get('run_dir', rec['run_id'])}/metrics.json: {err}") from None
+
+
 def _training_row(rec: dict) -> dict:
-    m = rec["metrics"]
-    low, high = _paired_spread(m)
+    run = training_run(rec)
+    low, high = _paired_spread(run)
+    env = run.environment  # its keys vary: environment_info(with_gpus=False) has no hardware
     row = {
         "run_id": rec["run_id"],
-        "model": m.get("model"),
-        "pipeline": m.get("pipeline"),
-        "input": _input_name(rec["params"], m),
-        "ranks": int(m["ranks"]),
-        "pin_cores": int(m.get("pin_cores") or 0),
-        "images_per_sec": m.get("images_per_sec"),
-        "images_per_sec_ci95": m.get("images_per_sec_ci95"),
-        "images_per_sec_per_rank": m.get("images_per_sec_per_rank"),
-        "synthetic_images_per_sec": m.get("synthetic_images_per_sec"),
-        "fraction_of_synthetic": m.get("fraction_of_synthetic"),
+        "model": run.model,
+        "pipeline": run.pipeline,
+        "input": _input_name(rec["params"], run.source),
+        "ranks": int(run.ranks),
+        "pin_cores": int(run.pin_cores or 0),
+        "images_per_sec": run.images_per_sec,
+        "images_per_sec_ci95": run.images_per_sec_ci95,
+        "images_per_sec_per_rank": run.images_per_sec_per_rank,
+        "synthetic_images_per_sec": run.synthetic_images_per_sec,  # None: not from notebook 04
+        "fraction_of_synthetic": run.fraction_of_synthetic,
         "fraction_min": low,
         "fraction_max": high,
-        "model_ms_per_image": m.get("model_ms_per_image"),
-        "synthetic_paired": m.get("paired_synthetic") is not None,
-        "mean_auroc": m.get("mean_auroc"),
-        "auroc_split": m.get("auroc_split"),
-        "epochs": m.get("epochs"),
-        "image_size": m.get("image_size"),
-        "batch_size_per_rank": m.get("batch_size_per_rank"),
-        "mixed_precision": bool(m.get("mixed_precision")),
-        "xla": bool(m.get("xla")),
-        "hardware": (m.get("environment") or {}).get("hardware"),
-        "cpu_count": (m.get("environment") or {}).get("cpu_count"),
+        "model_ms_per_image": run.model_ms_per_image,
+        "synthetic_paired": run.paired_synthetic is not None,
+        "mean_auroc": run.mean_auroc,
+        "auroc_split": run.auroc_split,
+        "epochs": run.epochs,
+        "image_size": run.image_size,
+        "batch_size_per_rank": run.batch_size_per_rank,
+        "mixed_precision": bool(run.mixed_precision),
+        "xla": bool(run.xla),
+        "hardware": env.get("hardware"),
+        "cpu_count": env.get("cpu_count"),
         "finished": _finished(rec),
     }
-    row.update({f"auroc.{k}": v for k, v in (m.get("auroc") or {}).items()})
+    row.update({f"auroc.{k}": v for k, v in run.auroc.items()})
     return row
 
 
@@ -114,14 +129,13 @@ def _finished(rec: dict) -> float:
 def training_table(records: list[dict]) -> pd.DataFrame:
     """One row per training configuration, with shared ceilings, scaling and the bound.
 
+    Training records are read as :class:`RunRecord`, so one with a missing or
+    unknown key raises :class:`RunRecordError` naming it; other stages' are skipped.
+
     Two runs of the same configuration (a leftover of an earlier spec, a rerun)
     are not both kept: the newest is used and ``repeats`` says how many there were.
     """
-    rows = [
-        _training_row(rec)
-        for rec in records
-        if "images_per_sec" in rec["metrics"] and "ranks" in rec["metrics"]
-    ]
+    rows = [_training_row(rec) for rec in records if is_training_record(rec["metrics"])]
     # no runs: an empty table that still has every column, so readers need no special case
     table = pd.DataFrame(rows, columns=None if rows else TRAINING_COLUMNS)
     for col in ("images_per_sec", "images_per_sec_ci95", "images_per_sec_per_rank",

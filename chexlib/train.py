@@ -230,12 +230,12 @@ def train(config: TrainConfig) -> dict:
         )
         _fit_epochs(config, model, data, callbacks, steps, resumed.start_epoch)
         test = scorers["test"]() if scorers else None
-        metrics = run_metrics(
+        record = run_metrics(
             config, model, throughput, resumed, lr, steps, split_sizes, test, started
         )
         if rank == 0:  # Horovod: only rank 0 writes results
-            write_outputs(Path(config.out), config, metrics)
-        return metrics
+            write_outputs(Path(config.out), config, record)
+        return record.to_dict()  # a dict, as horovodrun's metrics.json reads back
 
 
 def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorers, settings):

@@ -1,8 +1,8 @@
-"""The record of a training run: its ``metrics.json`` dict, and the files rank 0 writes.
+"""A training run's record (a :class:`~chexlib.run_record.RunRecord`) and the files rank 0 writes.
 
 :func:`run_metrics` gathers what every rank measured (throughput windows,
 weights digest, pinned cores; Horovod collectives, so every rank calls it and
-gets the same dict) and adds the run's AUROC, history and environment.
+gets the same record) and adds the run's AUROC, history and environment.
 :func:`write_outputs` writes ``params.json``, ``metrics.json``,
 ``history.csv`` and ``auroc.csv`` into the run folder (rank 0 only).
 """
@@ -18,6 +18,7 @@ import numpy as np
 from chexlib.data import LABELS
 from chexlib.rank_setup import cores_now
 from chexlib.results import environment_info
+from chexlib.run_record import RunRecord
 from chexlib.run_report import auroc_table, history_frame
 from chexlib.train_config import TrainConfig
 
@@ -108,8 +109,8 @@ def run_metrics(
     split_sizes: dict,
     test: dict | None,
     started: float,
-) -> dict:
-    """The run's metrics (``metrics.json``); every rank calls it and gets the same dict.
+) -> RunRecord:
+    """The run's record (``metrics.json``); every rank calls it and gets the same record.
 
     ``throughput`` is this rank's :class:`chexlib.callbacks.ThroughputCallback`,
     ``resumed`` the run's :class:`chexlib.checkpoints.Resumed` (its history now
@@ -125,47 +126,46 @@ def run_metrics(
     cores = hvd_tf.allgather_object(cores_now())  # Horovod: per rank: pinned or not
     history, ranks = resumed.history, hvd_tf.size()
     last = history[-1] if history else {}
-    return {
-        "rank": hvd_tf.rank(),
-        "ranks": ranks,
-        "model": c.model,
-        "source": c.source,
-        "pipeline": c.pipeline,
-        "synthetic": c.synthetic,
-        "paired_synthetic": speed.pop("paired_synthetic"),
-        "fraction_of_synthetic_paired": speed.pop("fraction_of_synthetic_paired"),
-        "image_size": c.image_size,
-        "batch_size_per_rank": c.batch_size,
-        "global_batch_size": c.batch_size * ranks,
-        "learning_rate": learning_rate,
-        "steps_per_epoch": steps,
-        "epochs": c.epochs,
-        "resumed_from_epoch": resumed.start_epoch or None,
-        **speed,
+    return RunRecord(
+        rank=hvd_tf.rank(),
+        ranks=ranks,
+        model=c.model,
+        source=c.source,
+        pipeline=c.pipeline,
+        synthetic=c.synthetic,
+        image_size=c.image_size,
+        batch_size_per_rank=c.batch_size,
+        global_batch_size=c.batch_size * ranks,
+        learning_rate=learning_rate,
+        steps_per_epoch=steps,
+        epochs=c.epochs,
+        resumed_from_epoch=resumed.start_epoch or None,
+        **speed,  # paired windows and images/s
         **final_auroc(config, history, test),
-        "test_images": test["images"] if test else None,
-        "test_loss": test["loss"] if test else None,
-        "val_images": split_sizes.get("val"),
-        "val_mean_auroc": last.get("val_mean_auroc"),
-        "val_auroc": last.get("val_auroc"),
-        "history": history,
-        "weights_sha256_per_rank": digests,
-        "weights_in_sync": len(set(digests)) == 1,
-        "wall_seconds": seconds,
-        "pin_cores": c.pin_cores,
-        "cores_per_rank": cores,
-        "mixed_precision": c.mixed_precision,
-        "xla": c.xla,
-        "environment": environment_info(),
-    }
+        test_images=test["images"] if test else None,
+        test_loss=test["loss"] if test else None,
+        val_images=split_sizes.get("val"),
+        val_mean_auroc=last.get("val_mean_auroc"),
+        val_auroc=last.get("val_auroc"),
+        history=history,
+        weights_sha256_per_rank=digests,
+        weights_in_sync=len(set(digests)) == 1,
+        wall_seconds=seconds,
+        pin_cores=c.pin_cores,
+        cores_per_rank=cores,
+        mixed_precision=c.mixed_precision,
+        xla=c.xla,
+        environment=environment_info(),
+    )
 
 
-def write_outputs(out: Path, config: TrainConfig, metrics: dict) -> None:
+def write_outputs(out: Path, config: TrainConfig, record: RunRecord) -> None:
     """params.json, metrics.json (with environment), history.csv and auroc.csv in ``out``."""
     from chexlib.results import write_run_record
 
     out.mkdir(parents=True, exist_ok=True)
-    params = {**config.to_dict(), "ranks": metrics["ranks"]}
+    params = {**config.to_dict(), "ranks": record.ranks}
+    metrics = record.to_dict()
     write_run_record(out, params, metrics)  # write_json makes NaN and numpy values JSON-safe
     history_frame(metrics).to_csv(out / "history.csv", index=False)
     auroc_table(metrics).to_csv(out / "auroc.csv")

@@ -3,6 +3,7 @@ gains with noise, verdicts, the feeding projection; and that none of it starts T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,23 +12,51 @@ import pandas as pd
 import pytest
 
 from chexlib import feeding, summary, verdicts
+from chexlib.data import LABELS
+from chexlib.run_record import RunRecord, RunRecordError
+
+
+def training_record(**changes) -> RunRecord:
+    """A realistic 1-rank training run's record (as ``chexlib train`` writes it), changed."""
+    base = RunRecord(
+        rank=0, ranks=1, model="resnet50", source="raw", pipeline="optimized", synthetic=False,
+        paired_synthetic=None, fraction_of_synthetic_paired=None, image_size=128,
+        batch_size_per_rank=8, global_batch_size=8, learning_rate=1e-3, steps_per_epoch=10,
+        epochs=1, resumed_from_epoch=None, images_per_sec=10.0, images_per_sec_per_rank=10.0,
+        images_per_sec_ci95=None,
+        throughput={"per_rank": [{"median": 10.0, "ci95": None, "windows": 3, "note": None}],
+                    "warmup_steps": 2, "window_steps": 2, "timed_steps": 6, "note": None},
+        auroc=dict.fromkeys(LABELS), auroc_reasons=dict.fromkeys(LABELS, "no evaluation"),
+        auroc_split=None, mean_auroc=None, test_images=None, test_loss=None, val_images=None,
+        val_mean_auroc=None, val_auroc=None, history=[{"epoch": 1, "loss": 0.5, "lr": 1e-3}],
+        weights_sha256_per_rank=["ab" * 32], weights_in_sync=True, wall_seconds=12.0,
+        pin_cores=0, cores_per_rank=[None], mixed_precision=False, xla=False,
+        environment={"hardware": "CPU only: 2x test", "cpu_count": 2, "cpu": "test CPU",
+                     "gpus": []},
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)
 
 
 def record(run_id, pipeline, ranks, rate, synthetic=None, source="raw", records="", paired=False,
            model="resnet50", pin=0, ci=None, auroc=None, split=None, epochs=1):  # fmt: skip
-    metrics = {
-        "model": model, "pipeline": pipeline, "source": source, "ranks": ranks, "pin_cores": pin,
-        "images_per_sec": rate, "images_per_sec_per_rank": rate / ranks,
-        "images_per_sec_ci95": ci,
+    """A study's record of a notebook-04 training run (``collect_runs`` shape)."""
+    run = training_record(
+        model=model, pipeline=pipeline, source=source, ranks=ranks, pin_cores=pin,
+        images_per_sec=rate, images_per_sec_per_rank=rate / ranks, images_per_sec_ci95=ci,
+        mean_auroc=auroc, auroc_split=split, epochs=epochs,
+        environment={"hardware": "CPU only: 2x test", "cpu_count": 1 if pin else 2,
+                     "cpu": "test CPU", "gpus": []},
+        paired_synthetic=[{"pairs": 3, "ratio_min": 0.7, "ratio_max": 0.9}] if paired else None,
+    )  # fmt: skip
+    ceiling = {
         "synthetic_images_per_sec": synthetic,
+        "synthetic_images_per_sec_per_rank": synthetic / ranks if synthetic else None,
+        "model_ms_per_image": 1000.0 * ranks / synthetic if synthetic else None,
         "fraction_of_synthetic": rate / synthetic if synthetic else None,
-        "image_size": 128, "batch_size_per_rank": 8, "mean_auroc": auroc, "auroc_split": split,
-        "epochs": epochs,
-        "environment": {"hardware": "CPU only: 2x test", "cpu_count": 1 if pin else 2,
-                        "cpu": "test CPU", "gpus": []},
-        "paired_synthetic": [{"pairs": 3, "ratio_min": 0.7, "ratio_max": 0.9}] if paired else None,
-    }  # fmt: skip
-    return {"run_id": run_id, "metrics": metrics, "params": {"train": {"records": records}}}
+        "ceiling_kind": "separate" if synthetic else None,
+    }
+    run = run.with_notebook("horovod.run", ceiling, ["throughput.png"])
+    return {"run_id": run_id, "metrics": run.to_dict(), "params": {"train": {"records": records}}}
 
 
 def test_training_table_shares_the_synthetic_ceiling_and_computes_efficiency():
@@ -160,7 +189,8 @@ def test_feeding_projection_multiplies_measured_cost_by_published_rate():
 def test_reporting_layer_does_not_start_tensorflow():
     code = (
         "import sys; from chexlib import summary, plots, verdicts, feeding, bench_plots, publish, "
-        "study, notebook, results, run_report, reference, figures, style, teaching, bench_report; "
+        "study, notebook, results, run_report, run_record, reference, figures, style, teaching, "
+        "bench_report; "
         "print('tensorflow' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -197,10 +227,10 @@ def test_hand_made_runs_join_the_study_once_each(tmp_path):
     # notebook 04's OUTPUT_DIR: its record, and the training run's own record in run/
     _write_run(hand / "04_distributed_training", record("nb", "naive", 1, 5.0))
     _write_run(hand / "04_distributed_training" / "run", record("nb-run", "naive", 1, 5.0))
-    _write_run(hand / "cli" / "ranks2", record("cli", "optimized", 2, 15.0))  # chexlib train --out
-    synthetic = record("syn", "optimized", 1, 50.0)
-    synthetic["metrics"]["synthetic"] = True  # a ceiling run, not a training run
-    _write_run(hand / "cli" / "ceiling", synthetic)
+    cli = training_record(pipeline="optimized", ranks=2, images_per_sec=15.0)  # chexlib train --out
+    _write_run(hand / "cli" / "ranks2", {"metrics": cli.to_dict(), "params": {}})
+    synthetic = training_record(synthetic=True, images_per_sec=50.0)  # a ceiling, not training
+    _write_run(hand / "cli" / "ceiling", {"metrics": synthetic.to_dict(), "params": {}})
 
     assert summary.hand_run_dirs([hand]) == [
         (hand / "04_distributed_training").resolve(), (hand / "cli" / "ceiling").resolve(),
@@ -240,3 +270,14 @@ def test_a_study_without_training_runs_has_untestable_verdicts_not_errors():
 def test_training_columns_are_the_columns_of_a_training_row():
     row = summary._training_row(record("r", "optimized", 1, 100.0))
     assert [k for k in row if not k.startswith("auroc.")] == summary.TRAINING_COLUMNS
+
+
+def test_a_renamed_training_key_fails_naming_the_run_and_the_key(tmp_path):
+    bad = record("a", "optimized", 1, 9.0)
+    bad["metrics"]["img_per_sec"] = bad["metrics"].pop("images_per_sec")
+    bad["run_dir"] = str(tmp_path / "train" / "a")
+    with pytest.raises(RunRecordError, match=r"train/a/metrics.json.*missing images_per_sec"):
+        summary.training_table([bad, record("b", "optimized", 2, 15.0)])
+    other = {"run_id": "p", "metrics": {"throughput": [], "ablation": []}, "params": {}}
+    table = summary.training_table([other, record("b", "optimized", 2, 15.0)])
+    assert table["run_id"].tolist() == ["b"]  # another stage's record is not a training run
