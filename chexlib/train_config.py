@@ -1,7 +1,8 @@
 """The configuration of a training run, and its ``chexlib train`` flags.
 
 :class:`TrainConfig` is a frozen dataclass that validates itself; each field is
-one flag (``_`` becomes ``-``), with the field's help text and default.
+one flag (``_`` becomes ``-``, built by :mod:`chexlib.flags`), with the field's help
+text, choices and default.
 :func:`add_train_arguments` makes the flags, :func:`config_from_args` reads
 them back and :func:`config_to_argv` writes the flags that reproduce a config
 (for ``horovodrun ... chexlib train``).
@@ -11,95 +12,110 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from chexlib import flags
 from chexlib.data import MODEL_INPUT_SIZE
+from chexlib.flags import option
 
 
-def _opt(help_text: str, **kwargs):
-    return field(metadata={"help": help_text}, **kwargs)
+def _models() -> tuple[str, ...]:  # the model list lives with the models (TensorFlow-free import)
+    from chexlib.models import MODELS
+
+    return tuple(MODELS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run; every field is a ``chexlib train`` flag (``_`` -> ``-``)."""
 
-    out: str = _opt(
+    out: str = option(
         "run folder: checkpoints, params.json, metrics.json, CSVs", default="outputs/train"
     )
-    data: str | None = _opt(
+    data: str | None = option(
         "dataset folder in the NIH layout (source raw; split sizes for records)", default=None
     )
-    records: str | None = _opt(
+    records: str | None = option(
         "TFRecord folder made by `chexlib convert` (source records)", default=None
     )
-    source: str = _opt("input: raw PNG files or TFRecords", default="raw")
-    pipeline: str = _opt("tf.data pipeline: naive or optimized", default="optimized")
-    model: str = _opt(
+    source: str = option(
+        "input: raw PNG files or TFRecords", choices=("raw", "records"), default="raw"
+    )
+    pipeline: str = option(
+        "tf.data pipeline: naive or optimized", choices=("naive", "optimized"), default="optimized"
+    )
+    model: str = option(
         "densenet121, resnet50, tiny (a small test/teaching CNN), or standin (the same small "
         "CNN standing in for a fast accelerator: cheaper per image than the PNG decode)",
+        choices=_models,
         default="densenet121",
     )
-    weights: str = _opt(
+    weights: str = option(
         "none | imagenet (Keras cache) | /path/notop.h5 | chexlib run folder", default="none"
     )
-    image_size: int = _opt("input side in pixels", default=MODEL_INPUT_SIZE)
-    batch_size: int = _opt("images per batch PER RANK", default=16)
-    epochs: int = _opt("epochs in all (a resumed run continues up to this)", default=3)
-    steps_per_epoch: int | None = _opt(
+    image_size: int = option("input side in pixels", default=MODEL_INPUT_SIZE)
+    batch_size: int = option("images per batch PER RANK", default=16)
+    epochs: int = option("epochs in all (a resumed run continues up to this)", default=3)
+    steps_per_epoch: int | None = option(
         "cap on steps per epoch; None: the smallest rank shard / batch", default=None
     )
-    learning_rate: float = _opt(
+    learning_rate: float = option(
         "Adam learning rate for ONE rank (scaled by ranks, see --scale-lr)", default=1e-3
     )
-    scale_lr: bool = _opt("multiply the learning rate by the number of ranks", default=True)
-    warmup_epochs: int = _opt("epochs of Horovod LR warm-up from lr to lr x ranks", default=5)
-    plateau_factor: float = _opt("ReduceLROnPlateau factor on validation loss", default=0.1)
-    plateau_patience: int = _opt("ReduceLROnPlateau patience in epochs", default=1)
-    mixed_precision: bool = _opt("mixed_float16 compute (float32 head and loss)", default=False)
-    xla: bool = _opt("XLA auto-clustering of the training step", default=False)
-    synthetic: bool = _opt(
+    scale_lr: bool = option("multiply the learning rate by the number of ranks", default=True)
+    warmup_epochs: int = option("epochs of Horovod LR warm-up from lr to lr x ranks", default=5)
+    plateau_factor: float = option("ReduceLROnPlateau factor on validation loss", default=0.1)
+    plateau_patience: int = option("ReduceLROnPlateau patience in epochs", default=1)
+    mixed_precision: bool = option("mixed_float16 compute (float32 head and loss)", default=False)
+    xla: bool = option("XLA auto-clustering of the training step", default=False)
+    synthetic: bool = option(
         "train on one repeated random batch: the throughput ceiling", default=False
     )
-    paired_synthetic: bool = _opt(
+    paired_synthetic: bool = option(
         "BENCHMARK ONLY: alternate timed windows between the real input and one repeated "
         "random batch in the same process (real/synthetic without run-to-run noise); "
         "half the steps train on random data, so no evaluation",
         default=False,
     )
-    resume: bool = _opt("continue from the last complete epoch in --out", default=False)
-    seed: int = _opt("seed of weights, data order and flips (per epoch: seed, epoch)", default=0)
-    deterministic: bool = _opt(
+    resume: bool = option("continue from the last complete epoch in --out", default=False)
+    seed: int = option("seed of weights, data order and flips (per epoch: seed, epoch)", default=0)
+    deterministic: bool = option(
         "deterministic tf.data order (slower; bit-reproducible runs)", default=False
     )
-    pin_cores: int = _opt(
+    pin_cores: int = option(
         "0: no pinning; N: each rank on its own N cores (local rank r: the r-th block of N), "
         "TensorFlow's intra/inter-op threads = N",
         default=0,
     )
-    data_service: str | None = _opt(
+    data_service: str | None = option(
         "grpc://host:port of a tf.data service dispatcher", default=None
     )
-    val_fraction: float = _opt("fraction of train_val moved to validation, by patient", default=0.1)
-    evaluate: bool = _opt("per-class AUROC on val each epoch and on test at the end", default=True)
-    checkpoint: bool = _opt("write a checkpoint after every epoch (rank 0)", default=True)
-    throughput_warmup_steps: int = _opt(
+    val_fraction: float = option(
+        "fraction of train_val moved to validation, by patient", default=0.1
+    )
+    evaluate: bool = option(
+        "per-class AUROC on val each epoch and on test at the end", default=True
+    )
+    checkpoint: bool = option("write a checkpoint after every epoch (rank 0)", default=True)
+    throughput_warmup_steps: int = option(
         "steps at the start of the run not timed (compilation, start-up); the first step "
         "after each evaluation is not timed either",
         default=10,
     )
-    throughput_window_steps: int = _opt("steps per timed throughput window", default=10)
-    verbose: int = _opt(
-        "Keras progress on rank 0: 0 silent, 1 bar, 2 one line per epoch", default=1
+    throughput_window_steps: int = option("steps per timed throughput window", default=10)
+    verbose: int = option(
+        "Keras progress on rank 0: 0 silent, 1 bar, 2 one line per epoch",
+        choices=(0, 1, 2),
+        default=1,
     )
-    tensorboard: str | None = _opt(
+    tensorboard: str | None = option(
         "TensorBoard folder (rank 0): per-epoch loss, LR, val AUROC, images/s", default=None
     )
-    profile_steps: str | None = _opt(
+    profile_steps: str | None = option(
         "'A,B': TF profiler trace of steps A..B of the run (1-based) into --tensorboard",
         default=None,
     )
-    horovod_timeline: str | None = _opt(
+    horovod_timeline: str | None = option(
         "Horovod timeline file (Chrome trace JSON, written by rank 0)", default=None
     )
 
@@ -171,51 +187,21 @@ def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
     return first, last
 
 
-# --- command line ------------------------------------------------------------
+# --- command line: flags from the fields (chexlib.flags) ----------------------
 
-_TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": float}
-_CHOICES = {"source": ("raw", "records"), "pipeline": ("naive", "optimized"), "verbose": (0, 1, 2)}
+# every bool is --name/--no-name; argparse adds a bool's default to its help itself
+_FLAGS = dict(negatable=True, default_help=" (default: {default})")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, with its default and help."""
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-            )
-        else:
-            parser.add_argument(
-                flag,
-                type=_TYPES[f.type],
-                default=f.default,
-                choices=_choices(f.name),
-                help=help_text,
-            )
-
-
-def _choices(name: str):
-    from chexlib.models import MODELS
-
-    return MODELS if name == "model" else _CHOICES.get(name)
+    flags.add_flags(parser, TrainConfig, **_FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return flags.config_from_args(TrainConfig, args)
 
 
 def config_to_argv(config: TrainConfig) -> list[str]:
     """The ``chexlib train`` flags that reproduce ``config`` (non-default fields only)."""
-    argv = []
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(config, f.name)
-        if value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return flags.config_to_argv(config, negatable=_FLAGS["negatable"])
