@@ -16,6 +16,11 @@ Every dataset built here goes through ONE preprocessing path
    divided by 255 twice) and replicate the channel to three, with a 256 x 3
    lookup table: a grey level has only 256 values.
 
+Steps 2-4 are two functions, as the official models split a decoder from a
+parser with per-element and per-batch parts: :func:`parse_element` (resize,
+draw the flip) and :func:`parse_batch` (apply the flips, normalise), which
+take one image or a whole batch. ``build_dataset`` runs exactly these two.
+
 Two pipelines differ only in how the work is scheduled:
 
 * ``naive`` (what the poster calls naive): list files, shard, shuffle the
@@ -347,17 +352,6 @@ def apply_flips(images: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(out, images.shape)
 
 
-def flip_gray(resized: tf.Tensor, training: bool, seed=None) -> tf.Tensor:
-    """Random left-right flip of a ``uint8`` image in training (identity in evaluation).
-
-    Flipping the one ``uint8`` channel before normalising moves 12x fewer
-    bytes than flipping the three ``float32`` channels after, with the same
-    result. ``seed``: shape-[2] seed of a stateless (reproducible) flip; None
-    uses TensorFlow's stateful random generator.
-    """
-    return apply_flips(resized, flip_decision(seed)) if training else resized
-
-
 def normalization_table(model: str) -> np.ndarray:
     """``float32 [256, 3]``: the normalised RGB value of each grey level for ``model``."""
     scale, offset = _affine(model)
@@ -387,7 +381,23 @@ def normalize_gray(resized: tf.Tensor, model: str, training: bool, seed=None) ->
         seed: shape-[2] integer seed of a stateless (reproducible) flip; None
             uses TensorFlow's stateful random flip.
     """
-    return normalize(flip_gray(resized, training, seed), model)
+    flip = flip_decision(seed) if training else tf.constant(False)
+    return parse_batch(resized, flip, model, training)
+
+
+def parse_element(gray: tf.Tensor, image_size: int, training: bool, seed=None):
+    """The per-element half of preprocessing: ``uint8 [H, W, 1]`` -> ``(uint8 [S, S, 1],
+    flip)``: resized (:func:`resize_gray`) and this image's flip drawn (training only;
+    ``seed``: shape-[2] seed of a stateless flip, None for a stateful one)."""
+    flip = flip_decision(seed) if training else tf.constant(False)
+    return resize_gray(gray, image_size), flip
+
+
+def parse_batch(images: tf.Tensor, flips: tf.Tensor, model: str, training: bool) -> tf.Tensor:
+    """The per-batch half: flip where drawn (training only), normalise once for ``model``
+    and replicate to three channels. Takes one image ``[S, S, 1]`` with a scalar flip or a
+    batch ``[B, S, S, 1]`` with ``[B]`` flips (the optimized pipeline's vectorized step)."""
+    return normalize(apply_flips(images, flips) if training else images, model)
 
 
 def preprocess_image(
@@ -395,16 +405,17 @@ def preprocess_image(
 ) -> tf.Tensor:
     """The ONE preprocessing path: ``uint8 [H, W, 1]`` -> ``float32 [S, S, 3]``.
 
-    Resize (:func:`resize_gray`), then flip in training and normalise once
-    for ``model`` (:func:`normalize_gray`). ``seed`` is a shape-[2] seed of
-    the flip, or None for a stateful random flip.
+    :func:`parse_element` then :func:`parse_batch` on one image: what every
+    pipeline does, per image (naive) or with the second half on whole batches
+    (optimized). ``seed`` is a shape-[2] seed of the flip, or None for a
+    stateful random flip.
     """
     gray = tf.convert_to_tensor(gray)
     if gray.dtype != tf.uint8:  # the table lookup indexes by 8-bit grey level
         raise TypeError(f"preprocess_image takes uint8 images, not {gray.dtype.name}")
     if gray.shape.rank == 2:
         gray = gray[..., tf.newaxis]
-    return normalize_gray(resize_gray(gray, image_size), model, training, seed)
+    return parse_batch(*parse_element(gray, image_size, training, seed), model, training)
 
 
 # --- sources: the per-file stage -------------------------------------------------
@@ -587,17 +598,16 @@ def _per_record_stage(
     def element(*e):
         index, e = (e[0], e[1]) if seeded else (None, e)
         e = e if isinstance(e, tuple) else (e,)  # records: one serialized string
-        gray, labels, name = e if cfg.cache else decode(*e)
-        small = gray if cfg.cache else resize_gray(gray, size)
+        gray, labels, name = e if cfg.cache else decode(*e)  # cached: resized already
         seed = tf.stack([tf.constant(base, tf.int64), index]) if seeded else None
-        flip = flip_decision(seed) if training else tf.constant(False)
-        if cfg.vectorized_normalize:  # flip and normalise after batching
+        small, flip = parse_element(gray, size, training, seed)
+        if cfg.vectorized_normalize:  # the per-batch half after batching
             return (small, flip, labels, name)
-        image = normalize(apply_flips(small, flip) if training else small, model)
+        image = parse_batch(small, flip, model, training)
         return (image, labels, name) if cfg.return_names else (image, labels)
 
     def whole_batch(images, flips, labels, names):
-        images = normalize(apply_flips(images, flips) if training else images, model)
+        images = parse_batch(images, flips, model, training)
         return (images, labels, names) if cfg.return_names else (images, labels)
 
     ds = ds.map(element, num_parallel_calls=calls, deterministic=det)
