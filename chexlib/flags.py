@@ -7,16 +7,20 @@ Each field of a config dataclass is one flag:
   parsed value still lands in ``args.<field name>``;
 * its type comes from the annotation: ``str``, ``int``, ``float``; ``X | None``
   is an ``X`` flag whose default is None; ``tuple[X, ...]`` is a repeatable
-  flag (``--disable a --disable b``); ``bool`` is a switch that flips the
-  default (``--name`` stores True when the default is False, ``--no-name``
-  stores False when it is True), or ``--name/--no-name`` with ``negatable``;
+  flag (``--disable a --disable b``), or one flag taking several values
+  (``--workers 1 2``) with metadata ``nargs="+"``; ``bool`` is a switch that
+  flips the default (``--name`` stores True when the default is False,
+  ``--no-name`` stores False when it is True), or ``--name/--no-name`` with
+  ``negatable``; ``bool | None`` is always ``--name/--no-name`` (None: not given);
 * its default is the dataclass's, never repeated by hand (a field without a
   default is a required flag);
 * its help and choices are the field's metadata, written with :func:`option`;
   ``choices`` may be a callable, called when the parser is built (for choices
   that live in a module the config should not import);
-* metadata ``cli=False`` keeps a field off the command line, and
-  ``positional=True`` makes it a positional argument.
+* metadata ``cli=False`` keeps a field off the command line,
+  ``positional=True`` makes it a positional argument, ``metavar`` names its
+  value in the help, and fields with the same ``exclusive`` name form a
+  mutually exclusive group (at most one of them on a command line).
 
 :func:`add_flags` adds the flags to a parser, :func:`config_from_args` builds
 the config back from the parsed arguments, and :func:`config_to_argv` writes
@@ -42,6 +46,9 @@ def option(
     positional: bool = False,
     negatable: bool | None = None,
     cli: bool = True,
+    nargs: str | None = None,
+    metavar: str | None = None,
+    exclusive: str | None = None,
     **field_kwargs,
 ):
     """A dataclass field that carries its flag's help (and choices, name, kind) as metadata.
@@ -55,10 +62,15 @@ def option(
         negatable: a bool field gets ``--name/--no-name`` (None: as
             :func:`add_flags` is told).
         cli: False keeps the field off the command line.
+        nargs: ``"+"``: a tuple field is one flag with one or more values, not
+            a repeatable flag.
+        metavar: the value's name in the help.
+        exclusive: the name of a mutually exclusive group this flag belongs to.
         **field_kwargs: ``default`` or ``default_factory``, as ``dataclasses.field``.
     """
     metadata = {"help": help_text, "choices": choices, "flag": flag, "positional": positional}
-    metadata.update(negatable=negatable, cli=cli)
+    metadata.update(negatable=negatable, cli=cli, nargs=nargs, metavar=metavar)
+    metadata.update(exclusive=exclusive)
     return dataclasses.field(metadata=metadata, **field_kwargs)
 
 
@@ -68,7 +80,8 @@ class Flag:
 
     field: dataclasses.Field
     kind: type  # str, int, float or bool: of each value
-    repeated: bool  # tuple[X, ...]: one value per use of the flag
+    repeated: bool  # tuple[X, ...]: several values (one per use, or all after one flag)
+    optional: bool = False  # ``X | None``
 
     @property
     def name(self) -> str:
@@ -93,7 +106,14 @@ class Flag:
             return f.default_factory()
         return f.default
 
+    @property
+    def many(self) -> bool:
+        """One flag followed by all its values (``nargs="+"``), not one use per value."""
+        return self.repeated and self.field.metadata.get("nargs") == "+"
+
     def negatable(self, fallback: bool) -> bool:
+        if self.kind is bool and self.optional:  # three states need both flags
+            return True
         value = self.field.metadata.get("negatable")
         return fallback if value is None else value
 
@@ -108,18 +128,19 @@ def flags_of(config_cls) -> list[Flag]:
     ]
 
 
-def _kind(annotation, name: str) -> tuple[type, bool]:
-    """(type of each value, repeated) of a field annotation; ``None`` in a union is dropped."""
+def _kind(annotation, name: str) -> tuple[type, bool, bool]:
+    """(type of each value, repeated, optional) of a field annotation."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1 and rest[0] is not bool:
-            return _kind(rest[0], name)
+        if len(rest) == 1:
+            kind, repeated, _ = _kind(rest[0], name)
+            return kind, repeated, True
     elif origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis and args[0] in (str, int, float):
-            return args[0], True
+            return args[0], True, False
     elif annotation in (str, int, float, bool):
-        return annotation, False
+        return annotation, False, False
     raise TypeError(f"field {name!r}: no command-line flag for type {annotation!r}")
 
 
@@ -138,8 +159,12 @@ def add_flags(
         negatable: every bool field gets ``--name/--no-name`` (argparse's
             ``BooleanOptionalAction``) rather than one switch.
     """
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for flag in flags_of(config_cls):
-        _add_flag(parser, flag, default_help, negatable)
+        exclusive = flag.field.metadata.get("exclusive")
+        if exclusive and exclusive not in groups:
+            groups[exclusive] = parser.add_mutually_exclusive_group()
+        _add_flag(groups.get(exclusive, parser), flag, default_help, negatable)
 
 
 def _add_flag(parser, flag: Flag, default_help: str, negatable: bool) -> None:
@@ -151,6 +176,8 @@ def _add_flag(parser, flag: Flag, default_help: str, negatable: bool) -> None:
         parser.add_argument(flag.name, type=flag.kind, choices=choices, help=help_text)
         return
     kwargs: dict = {"dest": flag.field.name, "help": help_text}
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
     if default is dataclasses.MISSING:
         kwargs["required"] = True
     if flag.kind is bool:
@@ -167,7 +194,9 @@ def _add_flag(parser, flag: Flag, default_help: str, negatable: bool) -> None:
         kwargs["default"] = list(default) if flag.repeated and default is not None else default
         if help_text is not None and default_help:
             kwargs["help"] = help_text + default_help.format(default=default)
-    if flag.repeated:
+    if flag.many:
+        kwargs["nargs"] = "+"
+    elif flag.repeated:
         kwargs["action"] = "append"
     parser.add_argument(flag.name, type=flag.kind, choices=choices, **kwargs)
 
@@ -206,6 +235,8 @@ def config_to_argv(config, *, negatable: bool = False) -> list[str]:
             argv.append("--no-" + flag.name.removeprefix("--") if no else flag.switch)
         elif value is None:
             raise ValueError(f"{flag.field.name}=None cannot be given on the command line")
+        elif flag.many:
+            argv += [flag.name, *map(str, value)]
         else:
             for item in value if flag.repeated else (value,):
                 argv += [flag.name, str(item)]

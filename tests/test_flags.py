@@ -159,3 +159,47 @@ def test_config_to_argv_round_trips(negatable):
 def test_config_to_argv_refuses_none_where_the_default_is_not():
     with pytest.raises(ValueError, match="name=None"):
         config_to_argv(Example(name=None))
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """One flag with several values, a three-state switch, a metavar, an exclusive pair."""
+
+    workers: tuple[int, ...] = option("worker counts", default=(1, 2), nargs="+")
+    only: tuple[str, ...] | None = option("a stage (repeatable)", default=None, metavar="STAGE")
+    log: bool | None = option("stream the output (None: as the spec says)", default=None)
+    per_shard: int = option("records per shard", default=256, exclusive="how")
+    shards: int | None = option("shards instead", default=None, exclusive="how")
+
+
+def test_nargs_plus_takes_all_values_after_one_flag():
+    assert config_from_args(Grouped, parse(cls=Grouped)).workers == (1, 2)
+    assert config_from_args(Grouped, parse("--workers", "1", "2", "4", cls=Grouped)).workers == (
+        1,
+        2,
+        4,
+    )
+    with pytest.raises(SystemExit):
+        parse("--workers", cls=Grouped)
+
+
+def test_optional_bool_has_three_states_and_metavar_shows():
+    assert config_from_args(Grouped, parse(cls=Grouped)).log is None
+    assert config_from_args(Grouped, parse("--log", cls=Grouped)).log is True
+    assert config_from_args(Grouped, parse("--no-log", cls=Grouped)).log is False
+    only = config_from_args(Grouped, parse("--only", "a", "--only", "b", cls=Grouped)).only
+    assert only == ("a", "b")
+    assert "--only STAGE" in parser_for(Grouped).format_help()
+
+
+def test_exclusive_fields_refuse_each_other():
+    assert config_from_args(Grouped, parse("--shards", "3", cls=Grouped)).shards == 3
+    with pytest.raises(SystemExit):
+        parse("--per-shard", "9", "--shards", "3", cls=Grouped)
+
+
+def test_config_to_argv_round_trips_the_new_kinds():
+    config = Grouped(workers=(4, 8), only=("x",), log=False, shards=2)
+    argv = config_to_argv(config)
+    assert argv[argv.index("--workers") + 1 : argv.index("--workers") + 3] == ["4", "8"]
+    assert config_from_args(Grouped, parser_for(Grouped).parse_args(argv)) == config
