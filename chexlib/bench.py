@@ -580,77 +580,64 @@ def _variant(cfg: BenchConfig) -> str:
         return "records"
 
 
-def describe(result: dict) -> str:
-    """A few human lines about one measurement record."""
-    s = result["settings"]
-    spread = result["images_per_sec_spread"]
-    lines = [
-        f"{result['pipeline']} pipeline, source {result['variant']} ({s['split']} split), "
-        f"batch {s['batch_size']}, {s['image_size']}px"
-        + (f", without {', '.join(result['disabled_steps'])}" if result["disabled_steps"] else ""),
-        f"  images/s: {result['images_per_sec']:.1f} median of {len(result['images_per_sec_windows'])} windows "
-        f"(min {spread['min']:.1f}, max {spread['max']:.1f}, 1.96 std {spread['ci95']:.1f})",
-    ]
-    before, after = result["load_average_1min"]
-    shared = max(before, after) > result["cpu_count"]
-    lines.append(
-        f"  machine load (1-min average) {before:.1f} -> {after:.1f} on {result['cpu_count']} cores"
-        + (" (SHARED: timings are not reliable)" if shared else "")
-        + f"; this process kept {result['process_cores_busy']:.2f} cores busy"
-    )
-    if "limit_images_per_sec" in result:
-        lines.append(
-            f"  single core: {result['single_core_images_per_sec']:.1f} images/s; limit "
-            f"({result['cpu_count']} cores x single core): {result['limit_images_per_sec']:.1f} images/s; "
-            f"fraction of limit: {result['fraction_of_limit']:.1%}"
-        )
-    if result.get("cpu_ms_per_image"):
-        lines.append(
-            f"  CPU time: {result['cpu_ms_per_image']:.2f} ms per image (all threads of this process)"
-        )
-    if "independent_limit_images_per_sec" in result:
-        decoders = ", ".join(f"{k} {v:.2f}" for k, v in result["decoder_ms_per_image"].items())
-        lines.append(
-            f"  independent limit ({result['cpu_count']} cores x one thread of decode_png + plain "
-            f"bilinear): {result['independent_limit_images_per_sec']:.1f} images/s; fraction: "
-            f"{result['fraction_of_independent_limit']:.1%}; decoders alone (CPU ms/image): {decoders}"
-        )
-    if "utilization" in result:
-        lines.append(
-            f"  [SIMULATED accelerator at {result['device_rate']:.1f} images/s] utilization "
-            f"{result['utilization']:.1%}, input stall {result['input_stall_sec']:.2f} s "
-            f"({result['stall_fraction']:.1%} of wall time)"
-        )
-    if "paired" in result:
-        p = result["paired"]
-        lines.append(
-            f"  paired with {p['with']} ({p['rounds']} alternating rounds in this process): "
-            f"ratio {p['ratio']:.2f}x (rounds {p['ratio_min']:.2f}..{p['ratio_max']:.2f})"
-        )
-    return "\n".join(lines)
-
-
 # --- command line ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BenchPipelineCommand:
+    """``chexlib bench-pipeline``'s own options, not part of the measurement's config."""
+
+    json: str | None = option("write the measurement record here", default=None)
+    device_times: float | None = option(
+        "a SIMULATED device at this many times the single-core rate of --device-reference "
+        "(instead of --device-rate)",
+        default=None,
+    )
+    device_reference: str | None = option(
+        "a measurement record with a single-core rate (bench-pipeline --reference-rates --json)",
+        default=None,
+    )
+
+    def device_rate(self) -> float | None:
+        """``device_times`` x the reference record's single-core images/s; None without."""
+        from chexlib.results import read_json
+
+        if self.device_times is None:
+            return None
+        if not self.device_reference:
+            raise ValueError("--device-times needs --device-reference RECORD")
+        rate = read_json(self.device_reference, expect=dict).get("single_core_images_per_sec")
+        if not rate:
+            raise ValueError(f"{self.device_reference}: no single_core_images_per_sec in it")
+        return round(self.device_times * rate, 1)
+
+
 def add_bench_pipeline_arguments(parser) -> None:
-    """A flag per :class:`BenchConfig` field (help, choices in its metadata), then ``--json``."""
+    """A flag per :class:`BenchConfig` field (help, choices in its metadata), then the
+    command's own (:class:`BenchPipelineCommand`)."""
     add_flags(parser, BenchConfig, default_help="")
-    parser.add_argument("--json", default=None, help="write the measurement record here")
+    add_flags(parser, BenchPipelineCommand, default_help="")
 
 
 def run_bench_pipeline(args) -> int:
     """``chexlib bench-pipeline``: time one pipeline, print it, optionally write JSON."""
+    from chexlib.bench_report import describe
+
+    command = config_from_args(BenchPipelineCommand, args)
     try:
         cfg = config_from_args(BenchConfig, args)
+        if command.device_times is not None:
+            if cfg.device_rate is not None:
+                raise ValueError("give --device-rate or --device-times, not both")
+            cfg = dataclasses.replace(cfg, device_rate=command.device_rate())
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = measure(cfg, progress=sys.stderr.isatty())
     print(describe(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"  written: {args.json}")
+    if command.json:
+        write_json(command.json, result)
+        print(f"  written: {command.json}")
     return 0
 
 
@@ -669,6 +656,7 @@ _ELSEWHERE = {
         "utilization_sweep",
     ),
     "chexlib.bench_plots": ("plot_ablation", "plot_throughput", "plot_utilization"),
+    "chexlib.bench_report": ("describe",),
 }
 
 

@@ -10,12 +10,10 @@ chose the compact format. Notebook 02 calls the same functions.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import pandas as pd
 
 from chexlib import records, records_shards
 from chexlib.data import MODEL_INPUT_SIZE, load_metadata
+from chexlib.flags import add_flags, config_from_args, option
 
 
 def raw_png_bytes(data_dir) -> int:
@@ -328,55 +327,48 @@ def run_study(study: ConversionStudy, progress: bool = True) -> tuple[pd.DataFra
     return conversion_table(runs, raw_png_bytes(study.data_dir), decode_ms), runs
 
 
+@dataclass(frozen=True)
+class BenchRecordsCommand:
+    """One ``chexlib bench-records`` call: ``data_dir`` is its positional argument, the rest flags."""
+
+    data_dir: str = option(
+        "dataset folder (e.g. from `chexlib synth --images 400 --size 1024`)", positional=True
+    )
+    work_dir: str = option("records are written under here", default="outputs/bench_records")
+    variants: tuple[str, ...] = option(
+        None, default=records_shards.VARIANTS, choices=records_shards.VARIANTS, nargs="+"
+    )
+    workers: tuple[int, ...] = option("worker counts", default=(1, 2), nargs="+")
+    images_per_shard: int = option("records per shard", default=32)
+    size: int = option("compact size, the training input side by default", default=MODEL_INPUT_SIZE)
+    decode_samples: int = option("records timed for decode cost (0: skip)", default=200)
+    formats: bool = option("also compare raw vs JPEG compact records", default=False)
+    repeats: int = option("conversions per configuration (median)", default=3)
+
+    def study(self) -> ConversionStudy:
+        """The conversion study these options ask for (records kept under ``work_dir``)."""
+        return ConversionStudy(
+            self.data_dir,
+            self.work_dir,
+            self.work_dir,
+            self.variants,
+            self.images_per_shard,
+            self.workers,
+            self.size,
+            self.decode_samples,
+            self.repeats,
+        )
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "data_dir", help="dataset folder (e.g. from `chexlib synth --images 400 --size 1024`)"
-    )
-    parser.add_argument(
-        "--work-dir", default="outputs/bench_records", help="records are written under here"
-    )
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=list(records_shards.VARIANTS),
-        choices=records_shards.VARIANTS,
-    )
-    parser.add_argument(
-        "--workers", nargs="+", type=int, default=[1, 2], help="worker counts (default 1 2)"
-    )
-    parser.add_argument(
-        "--images-per-shard", type=int, default=32, help="records per shard (default 32)"
-    )
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=MODEL_INPUT_SIZE,
-        help=f"compact size (default {MODEL_INPUT_SIZE}, the training input)",
-    )
-    parser.add_argument(
-        "--decode-samples", type=int, default=200, help="records timed for decode cost (0: skip)"
-    )
-    parser.add_argument(
-        "--formats", action="store_true", help="also compare raw vs JPEG compact records"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="conversions per configuration (median; default 3)"
-    )
+    """``DATA_DIR`` positional, then one flag per other :class:`BenchRecordsCommand` field."""
+    add_flags(parser, BenchRecordsCommand)
 
 
 def run(args) -> int:
     """``chexlib bench-records``: convert with each variant and worker count, time it."""
-    study = ConversionStudy(
-        args.data_dir,
-        args.work_dir,
-        args.work_dir,
-        tuple(args.variants),
-        args.images_per_shard,
-        tuple(args.workers),
-        args.size,
-        args.decode_samples,
-        args.repeats,
-    )
+    config = config_from_args(BenchRecordsCommand, args)
+    study = config.study()
     from chexlib.results import environment_info
 
     env = environment_info(with_gpus=False)
@@ -390,22 +382,10 @@ def run(args) -> int:
         speedups = ", ".join(f"{int(w)} workers {base / s:.2f}x" for w, s in rows.items())
         print(f"speed-up of {variant} conversion over {int(min(rows.index))} worker(s): {speedups}")
     print(f"load average after: {os.getloadavg()} (other work on the machine skews the timings)")
-    if args.formats:
+    if config.formats:
         print(
             compare_compact_formats(
-                args.data_dir, n=args.decode_samples or 200, size=args.size
+                config.data_dir, n=config.decode_samples or 200, size=config.size
             ).round(3)
         )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="chexlib bench-records", description=__doc__.splitlines()[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

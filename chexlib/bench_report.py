@@ -28,9 +28,62 @@ Targets (issue 15 and the pipeline issue before it):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from chexlib.flags import add_flags, config_from_args, option
+
 Row = tuple[str, str, str, "bool | None"]
+
+
+def describe(result: dict) -> str:
+    """A few human lines about one measurement record (``chexlib bench-pipeline``'s output)."""
+    s = result["settings"]
+    spread = result["images_per_sec_spread"]
+    lines = [
+        f"{result['pipeline']} pipeline, source {result['variant']} ({s['split']} split), "
+        f"batch {s['batch_size']}, {s['image_size']}px"
+        + (f", without {', '.join(result['disabled_steps'])}" if result["disabled_steps"] else ""),
+        f"  images/s: {result['images_per_sec']:.1f} median of {len(result['images_per_sec_windows'])} windows "
+        f"(min {spread['min']:.1f}, max {spread['max']:.1f}, 1.96 std {spread['ci95']:.1f})",
+    ]
+    before, after = result["load_average_1min"]
+    shared = max(before, after) > result["cpu_count"]
+    lines.append(
+        f"  machine load (1-min average) {before:.1f} -> {after:.1f} on {result['cpu_count']} cores"
+        + (" (SHARED: timings are not reliable)" if shared else "")
+        + f"; this process kept {result['process_cores_busy']:.2f} cores busy"
+    )
+    if "limit_images_per_sec" in result:
+        lines.append(
+            f"  single core: {result['single_core_images_per_sec']:.1f} images/s; limit "
+            f"({result['cpu_count']} cores x single core): {result['limit_images_per_sec']:.1f} images/s; "
+            f"fraction of limit: {result['fraction_of_limit']:.1%}"
+        )
+    if result.get("cpu_ms_per_image"):
+        lines.append(
+            f"  CPU time: {result['cpu_ms_per_image']:.2f} ms per image (all threads of this process)"
+        )
+    if "independent_limit_images_per_sec" in result:
+        decoders = ", ".join(f"{k} {v:.2f}" for k, v in result["decoder_ms_per_image"].items())
+        lines.append(
+            f"  independent limit ({result['cpu_count']} cores x one thread of decode_png + plain "
+            f"bilinear): {result['independent_limit_images_per_sec']:.1f} images/s; fraction: "
+            f"{result['fraction_of_independent_limit']:.1%}; decoders alone (CPU ms/image): {decoders}"
+        )
+    if "utilization" in result:
+        lines.append(
+            f"  [SIMULATED accelerator at {result['device_rate']:.1f} images/s] utilization "
+            f"{result['utilization']:.1%}, input stall {result['input_stall_sec']:.2f} s "
+            f"({result['stall_fraction']:.1%} of wall time)"
+        )
+    if "paired" in result:
+        p = result["paired"]
+        lines.append(
+            f"  paired with {p['with']} ({p['rounds']} alternating rounds in this process): "
+            f"ratio {p['ratio']:.2f}x (rounds {p['ratio_min']:.2f}..{p['ratio_max']:.2f})"
+        )
+    return "\n".join(lines)
 
 
 def load_results(results_dir) -> dict[str, dict]:
@@ -253,21 +306,31 @@ def train_report(out_dir, run_dirs) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class BenchReportCommand:
+    """One ``chexlib bench-report`` call: ``results_dir`` is its positional argument."""
+
+    results_dir: str = option(
+        "folder of chexlib bench-pipeline --json records (with --runs: where summary.csv goes)",
+        positional=True,
+    )
+    runs: tuple[str, ...] | None = option(
+        "training run folders of make bench-train", default=None, nargs="+"
+    )
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "results_dir",
-        help="folder of chexlib bench-pipeline --json records (with --runs: where summary.csv goes)",
-    )
-    parser.add_argument(
-        "--runs", nargs="+", default=None, help="training run folders of make bench-train"
-    )
+    """``RESULTS_DIR`` positional, then ``--runs``."""
+    add_flags(parser, BenchReportCommand)
 
 
 def run(args) -> int:
-    if args.runs:
-        print(train_report(args.results_dir, args.runs))
+    """``chexlib bench-report DIR [--runs RUN...]``: print the pipeline or the training table."""
+    config = config_from_args(BenchReportCommand, args)
+    if config.runs:
+        print(train_report(config.results_dir, config.runs))
         return 0
-    if not load_results(args.results_dir):
-        raise FileNotFoundError(f"{args.results_dir}: no *.json measurement records")
-    print(report(args.results_dir))
+    if not load_results(config.results_dir):
+        raise FileNotFoundError(f"{config.results_dir}: no *.json measurement records")
+    print(report(config.results_dir))
     return 0

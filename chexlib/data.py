@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chexlib.flags import add_flags, config_from_args, option
+
 # The 14 findings in the order of the CheXNet paper, spelled as in the NIH CSV.
 LABELS: tuple[str, ...] = (
     "Atelectasis",
@@ -483,25 +485,32 @@ def validate_images(
     return report
 
 
+@dataclass(frozen=True)
+class ValidateCommand:
+    """One ``chexlib validate`` call: ``data_dir`` is its positional argument, the rest flags."""
+
+    data_dir: str = option("dataset folder in the NIH ChestX-ray14 layout", positional=True)
+    workers: int | None = option("decode processes; None: all cores", default=None)
+    json: str | None = option("also write the report as JSON here", default=None)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("data_dir", help="dataset folder in the NIH ChestX-ray14 layout")
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decode processes (default: all cores)"
-    )
-    parser.add_argument("--json", default=None, help="also write the report as JSON here")
+    """``DATA_DIR`` positional, then one flag per other :class:`ValidateCommand` field."""
+    add_flags(parser, ValidateCommand)
 
 
 def run(args) -> int:
     """``chexlib validate DATA_DIR``: exit 0 only when every image is present and decodes."""
+    config = config_from_args(ValidateCommand, args)
     import json
 
     try:
-        df = load_metadata(args.data_dir, allow_missing=True)
-        report = validate_images(df, workers=args.workers)
+        df = load_metadata(config.data_dir, allow_missing=True)
+        report = validate_images(df, workers=config.workers)
     except (DataError, OSError, BrokenExecutor) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.data_dir}: {len(df)} images listed")
+    print(f"{config.data_dir}: {len(df)} images listed")
     print(f"  ok:      {len(report.ok)}")
     print(f"  missing: {len(report.missing)}")
     for name in sorted(report.missing):
@@ -513,11 +522,11 @@ def run(args) -> int:
     print("  stored layouts (all decode to one 8-bit channel):")
     for layout, n in report.layouts.most_common():
         print(f"    {n:>7}  {layout}")
-    if args.json:
+    if config.json:
         try:
-            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+            Path(config.json).write_text(json.dumps(report.to_dict(), indent=2))
         except OSError as err:
-            print(f"error: cannot write {args.json}: {err.strerror or err}", file=sys.stderr)
+            print(f"error: cannot write {config.json}: {err.strerror or err}", file=sys.stderr)
             return 2
     print("PASSED" if report.passed else "FAILED")
     return 0 if report.passed else 1

@@ -31,14 +31,16 @@ Ray document for their schedulers).
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from chexlib.flags import add_flags, config_from_args, option
 
 READY = "READY"  # first line a server process prints, followed by its address
 
@@ -71,7 +73,7 @@ class LocalService:
         log = open(self._logdir / f"{name}.log", "w")  # noqa: SIM115 - the child owns it
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chexlib.dataservice", role, *args],
+            [sys.executable, "-m", "chexlib.cli", "data-service", role, *args],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -186,35 +188,47 @@ def serve(role: str, port: int = 0, dispatcher: str | None = None, host: str | N
     server.join()
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "role",
-        choices=("dispatcher", "worker", "local"),
-        help="dispatcher or worker: one server in this process; local: a dispatcher and "
+ROLES = ("dispatcher", "worker", "local")
+
+
+@dataclass(frozen=True)
+class DataServiceCommand:
+    """One ``chexlib data-service`` call: ``role`` is its positional argument, the rest flags."""
+
+    role: str = option(
+        "dispatcher or worker: one server in this process; local: a dispatcher and "
         "--workers workers as child processes on this host, until Ctrl-C",
+        positional=True,
+        choices=ROLES,
     )
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
-    parser.add_argument("--dispatcher", default=None, help="HOST:PORT of the dispatcher (workers)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (local)")
-    parser.add_argument(
-        "--host",
-        default=None,
-        help="worker: host name trainers reach it at (default localhost; on a cluster, "
+    port: int = option("port to listen on (0: any free port)", default=0)
+    dispatcher: str | None = option("HOST:PORT of the dispatcher (workers)", default=None)
+    workers: int = option("worker processes (local)", default=2)
+    host: str | None = option(
+        "worker: host name trainers reach it at (unset: localhost; on a cluster, "
         "this host's name, e.g. $(hostname))",
+        default=None,
     )
+
+
+def add_arguments(parser) -> None:
+    """``ROLE`` positional, then one flag per other :class:`DataServiceCommand` field."""
+    add_flags(parser, DataServiceCommand)
 
 
 def run(args) -> int:
-    if args.role == "worker" and not args.dispatcher:
+    """``chexlib data-service ROLE``: serve until terminated (local: until Ctrl-C or a child ends)."""
+    config = config_from_args(DataServiceCommand, args)
+    if config.role == "worker" and not config.dispatcher:
         raise SystemExit("chexlib data-service worker: needs --dispatcher HOST:PORT")
-    if args.role != "local":
-        serve(args.role, args.port, args.dispatcher, args.host)
+    if config.role != "local":
+        serve(config.role, config.port, config.dispatcher, config.host)
         return 0
 
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    service = LocalService(args.workers, args.port)
+    service = LocalService(config.workers, config.port)
     signal.signal(signal.SIGTERM, interrupted)  # `kill` too stops the child processes
     try:
         service.start()
@@ -238,15 +252,3 @@ def run(args) -> int:
         service.stop()
     print("a tf.data service process ended; stopped the others", file=sys.stderr)
     return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m chexlib.dataservice", description=__doc__.splitlines()[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -154,8 +154,9 @@ def add_flags(
     """Add one flag per command-line field of the dataclass ``config_cls`` to ``parser``.
 
     Args:
-        default_help: appended to the help of each flag that takes a value,
-            formatted with ``default=`` the dataclass default ("": nothing).
+        default_help: appended to the help of each flag that takes a value and
+            has a default other than None, formatted with ``default=`` the
+            dataclass default ("": nothing).
         negatable: every bool field gets ``--name/--no-name`` (argparse's
             ``BooleanOptionalAction``) rather than one switch.
     """
@@ -192,7 +193,8 @@ def _add_flag(parser, flag: Flag, default_help: str, negatable: bool) -> None:
         return
     if default is not dataclasses.MISSING:
         kwargs["default"] = list(default) if flag.repeated and default is not None else default
-        if help_text is not None and default_help:
+        # None means "not given": the help says what happens then, "(default: None)" would not
+        if help_text is not None and default_help and default is not None:
             kwargs["help"] = help_text + default_help.format(default=default)
     if flag.many:
         kwargs["nargs"] = "+"

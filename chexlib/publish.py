@@ -18,11 +18,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
+from chexlib.flags import add_flags, config_from_args, option
 from chexlib.results import RecordError, RecordWarning, read_json, write_json, write_text_atomic
 
 BEGIN = "<!-- results:begin -->"
@@ -233,15 +235,26 @@ def _copy_atomic(source: Path, target: Path) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class PublishCommand:
+    """One ``chexlib publish-results`` call: ``summary_dir`` is its positional argument."""
+
+    summary_dir: str = option(
+        "summary folder of a study, e.g. outputs/demo/summary", positional=True
+    )
+    readme: str = option("README with the results markers", default="README.md")
+    docs: str = option("folder the figures are copied to", default="docs/results")
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("summary_dir", help="summary folder of a study, e.g. outputs/demo/summary")
-    parser.add_argument("--readme", default="README.md", help="README with the results markers")
-    parser.add_argument("--docs", default="docs/results", help="folder the figures are copied to")
+    """``SUMMARY_DIR`` positional, then one flag per other :class:`PublishCommand` field."""
+    add_flags(parser, PublishCommand)
 
 
 def run(args) -> int:
     """``chexlib publish-results SUMMARY_DIR``; errors are reported by the dispatcher."""
-    files = publish(args.summary_dir, args.readme, args.docs)
+    config = config_from_args(PublishCommand, args)
+    files = publish(config.summary_dir, config.readme, config.docs)
     for f in files:
         print(f"written: {f}")
     return 0

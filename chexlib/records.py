@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from chexlib.data import LABELS, SPLITS, DataError, load_metadata
+from chexlib.flags import add_flags, config_from_args, option
 from chexlib.records_convert import add_convert_arguments as add_convert_arguments
 from chexlib.records_convert import convert as convert
 from chexlib.records_convert import run_convert as run_convert
@@ -329,21 +330,28 @@ def verify_records(
 # --- command line (``chexlib convert``'s is in chexlib.records_convert) ------------
 
 
+@dataclass(frozen=True)
+class VerifyRecordsCommand:
+    """One ``chexlib verify-records`` call: ``out_dir`` is its positional argument, the rest flags."""
+
+    out_dir: str = option("output folder of chexlib convert", positional=True)
+    data: str = option("the dataset folder that was converted")
+    decode: bool = option("also decode every PNG/JPEG image (slow)", default=False)
+    json: str | None = option("also write the report as JSON here", default=None)
+    progress: bool = option("hide the progress bar", default=True)  # the switch is --no-progress
+
+
 def add_verify_records_arguments(parser) -> None:
-    parser.add_argument("out_dir", help="output folder of chexlib convert")
-    parser.add_argument("--data", required=True, help="the dataset folder that was converted")
-    parser.add_argument(
-        "--decode", action="store_true", help="also decode every PNG/JPEG image (slow)"
-    )
-    parser.add_argument("--json", default=None, help="also write the report as JSON here")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    """``OUT_DIR`` positional, then one flag per other :class:`VerifyRecordsCommand` field."""
+    add_flags(parser, VerifyRecordsCommand)
 
 
 def run_verify_records(args) -> int:
     """``chexlib verify-records OUT_DIR --data DATA_DIR``: exit 0 only when nothing differs."""
+    config = config_from_args(VerifyRecordsCommand, args)
     try:
         report = verify_records(
-            args.out_dir, args.data, decode=args.decode, progress=not args.no_progress
+            config.out_dir, config.data, decode=config.decode, progress=config.progress
         )
     except (OSError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -357,9 +365,9 @@ def run_verify_records(args) -> int:
         print(f"  DIFF {line}")
     if len(report.differences) > len(shown):
         print(f"  ... {len(report.differences) - len(shown)} more differences")
-    if args.json:
+    if config.json:
         from chexlib.results import write_json
 
-        write_json(args.json, report.to_dict())
+        write_json(config.json, report.to_dict())
     print("PASSED" if report.passed else f"FAILED: {len(report.differences)} difference(s)")
     return 0 if report.passed else 1

@@ -44,9 +44,11 @@ import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chexlib.data import MODEL_INPUT_SIZE, SPLITS, DataError, load_metadata
+from chexlib.flags import add_flags, config_from_args, option
 from chexlib.records_format import SCHEMA, SCHEMA_VERSION
 from chexlib.records_shards import (
     COMPACT_FORMATS,
@@ -410,80 +412,55 @@ def _conversion_facts(infos: list[dict], totals: dict, run: dict) -> dict:
 # --- command line -----------------------------------------------------------------
 
 
-def add_convert_arguments(parser) -> None:
-    parser.add_argument("data_dir", help="dataset folder in the NIH ChestX-ray14 layout")
-    parser.add_argument(
-        "out_dir", help="output folder (new, or an interrupted run of the same command)"
+@dataclass(frozen=True)
+class ConvertCommand:
+    """One ``chexlib convert`` call: the :func:`convert` arguments (two positional, the rest flags)."""
+
+    data_dir: str = option("dataset folder in the NIH ChestX-ray14 layout", positional=True)
+    out_dir: str = option(
+        "output folder (new, or an interrupted run of the same command)", positional=True
     )
-    parser.add_argument(
-        "--variant",
-        choices=VARIANTS,
+    variant: str = option(
+        "png: original file bytes; compact: decoded and resized once",
         default="png",
-        help="png: original file bytes; compact: decoded and resized once (default png)",
+        choices=VARIANTS,
     )
-    how = parser.add_mutually_exclusive_group()
-    how.add_argument(
-        "--images-per-shard", type=int, default=256, help="most records per shard (default 256)"
+    images_per_shard: int = option("most records per shard", default=256, exclusive="shard_size")
+    shards: int | None = option(
+        "shards per split instead of --images-per-shard", default=None, exclusive="shard_size"
     )
-    how.add_argument(
-        "--shards", type=int, default=None, help="shards per split instead of --images-per-shard"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="processes writing shards (default: all cores)"
-    )
-    parser.add_argument(
-        "--size",
-        type=int,
+    workers: int | None = option("processes writing shards; None: all cores", default=None)
+    size: int = option(
+        "compact: stored width and height, the training input: read without a resize",
         default=MODEL_INPUT_SIZE,
-        help=f"compact: stored width and height (default {MODEL_INPUT_SIZE}, the training input: read without a resize)",
     )
-    parser.add_argument(
-        "--compact-format",
-        choices=COMPACT_FORMATS,
-        default=DEFAULT_COMPACT_FORMAT,
-        help=f"compact: raw uint8 or JPEG (default {DEFAULT_COMPACT_FORMAT})",
+    compact_format: str = option(
+        "compact: raw uint8 or JPEG", default=DEFAULT_COMPACT_FORMAT, choices=COMPACT_FORMATS
     )
-    parser.add_argument(
-        "--jpeg-quality", type=int, default=95, help="compact JPEG quality (default 95)"
+    jpeg_quality: int = option("compact JPEG quality", default=95)
+    skip_bad: bool = option(
+        "leave out missing/corrupt images (listed in the manifest) instead of stopping",
+        default=False,
     )
-    parser.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="leave out missing/corrupt images (listed in the manifest) instead of stopping",
+    val_fraction: float = option("validation fraction", default=0.1)
+    seed: int = option("seed of the validation split", default=0)
+    overwrite: bool = option(
+        "delete TFRecords of a different conversion found in OUT_DIR", default=False
     )
-    parser.add_argument(
-        "--val-fraction", type=float, default=0.1, help="validation fraction (default 0.1)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the validation split (default 0)"
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete TFRecords of a different conversion found in OUT_DIR",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    progress: bool = option("hide the progress bar", default=True)  # the switch is --no-progress
+
+
+def add_convert_arguments(parser) -> None:
+    """``DATA_DIR OUT_DIR`` positional, then one flag per other :class:`ConvertCommand` field."""
+    add_flags(parser, ConvertCommand)
 
 
 def run_convert(args) -> int:
     """``chexlib convert DATA_DIR OUT_DIR``: convert (or resume) and print the totals."""
+    config = config_from_args(ConvertCommand, args)
     try:
-        manifest = convert(
-            args.data_dir,
-            args.out_dir,
-            variant=args.variant,
-            images_per_shard=args.images_per_shard,
-            shards=args.shards,
-            workers=args.workers,
-            size=args.size,
-            skip_bad=args.skip_bad,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            progress=not args.no_progress,
-            compact_format=args.compact_format,
-            jpeg_quality=args.jpeg_quality,
-            overwrite=args.overwrite,
-        )
+        # the fields are convert()'s keyword arguments, by construction
+        manifest = convert(**asdict(config))
     except (DataError, ValueError, BrokenExecutor) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -491,7 +468,7 @@ def run_convert(args) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
-    print(f"{args.out_dir}: {manifest['variant']} records (image/format {manifest['format']!r})")
+    print(f"{config.out_dir}: {manifest['variant']} records (image/format {manifest['format']!r})")
     for split, t in manifest["splits"].items():
         print(
             f"  {split:<5} {t['records']:>7} records in {t['shards']:>4} shards, "

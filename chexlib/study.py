@@ -35,7 +35,6 @@ runs executed at the same time interleave.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import yaml
 
+from chexlib.flags import add_flags, config_from_args, option
 from chexlib.results import read_json, write_json, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -579,24 +579,28 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("spec", help="study specification (papermill_runs/*.yaml)")
-    parser.add_argument(
-        "--only", action="append", metavar="STAGE", help="run only this stage (repeatable)"
+@dataclass(frozen=True)
+class StudyCommand:
+    """One ``chexlib study`` call: ``spec`` is its positional argument, every other field a flag."""
+
+    spec: str = option("study specification (papermill_runs/*.yaml)", positional=True)
+    only: tuple[str, ...] | None = option(
+        "run only this stage (repeatable)", default=None, metavar="STAGE"
     )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="list runs and their status, run nothing"
-    )
-    parser.add_argument("--jobs", type=int, default=1, help="runs of one stage at the same time")
-    parser.add_argument("--outputs", default=str(DEFAULT_OUTPUTS), help="root of the outputs tree")
-    parser.add_argument("--no-html", action="store_true", help="skip HTML renderings")
-    parser.add_argument(
-        "--log-output",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="stream each notebook's cell output and the Horovod ranks' output ([R]-prefixed, "
+    dry_run: bool = option("list runs and their status, run nothing", default=False)
+    jobs: int = option("runs of one stage at the same time", default=1)
+    outputs: str = option("root of the outputs tree", default=str(DEFAULT_OUTPUTS))
+    html: bool = option("skip HTML renderings", default=True)  # the switch is --no-html
+    log_output: bool | None = option(
+        "stream each notebook's cell output and the Horovod ranks' output ([R]-prefixed, "
         "also kept in ranks.log) as it comes; default: the spec's log_output (off)",
+        default=None,
     )
+
+
+def add_arguments(parser) -> None:
+    """``SPEC`` positional, then one flag per other :class:`StudyCommand` field."""
+    add_flags(parser, StudyCommand)
 
 
 def run(args) -> int:
@@ -605,14 +609,15 @@ def run(args) -> int:
     A bad specification, a corrupt record or a system error ends the study
     before any run; the ``chexlib`` dispatcher reports it in one line (exit 2).
     """
+    config = config_from_args(StudyCommand, args)
     result = run_study(
-        args.spec,
-        outputs=args.outputs,
-        only=args.only,
-        dry_run=args.dry_run,
-        jobs=args.jobs,
-        html=not args.no_html,
+        config.spec,
+        outputs=config.outputs,
+        only=list(config.only or ()),
+        dry_run=config.dry_run,
+        jobs=config.jobs,
+        html=config.html,
         log=functools.partial(print, flush=True),  # in order with the streamed output
-        log_output=args.log_output,
+        log_output=config.log_output,
     )
     return 0 if result.ok else 1

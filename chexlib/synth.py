@@ -31,12 +31,14 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from chexlib.data import LABELS, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
+from chexlib.flags import add_flags, config_from_args, option
 from chexlib.synth_image import BOXED, encode_png, finding_boxes, render_image
 from chexlib.synth_metadata import (
     CSV_COLUMNS,
@@ -306,38 +308,38 @@ def _summary(out, meta, is_test, args, rendered, workers, start, render_seconds)
 # --- command line -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SynthCommand:
+    """One ``chexlib synth`` call: ``out_dir`` is its positional argument, every other field a flag."""
+
+    out_dir: str = option(
+        "folder to write (new, empty, or an earlier synth output)", positional=True
+    )
+    images: int = option("number of images", default=2000)
+    size: int = option("image width and height in pixels", default=1024)
+    seed: int = option("seed; same arguments give the same bytes", default=0)
+    workers: int | None = option("rendering processes; None: all cores", default=None)
+    test_fraction: float = option("fraction of images in test_list.txt", default=0.2)
+    progress: bool = option("hide the progress bar", default=True)  # the switch is --no-progress
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("out_dir", help="folder to write (new, empty, or an earlier synth output)")
-    parser.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
-    parser.add_argument(
-        "--size", type=int, default=1024, help="image width and height in pixels (default 1024)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed; same arguments give the same bytes (default 0)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="rendering processes (default: all cores)"
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.2,
-        help="fraction of images in test_list.txt (default 0.2)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    """``OUT_DIR`` positional, then one flag per other :class:`SynthCommand` field."""
+    add_flags(parser, SynthCommand)
 
 
 def run(args) -> int:
     """``chexlib synth OUT_DIR``: generate (or finish) a dataset and print its summary."""
+    config = config_from_args(SynthCommand, args)
     try:
         summary = generate(
-            args.out_dir,
-            n_images=args.images,
-            size=args.size,
-            seed=args.seed,
-            workers=args.workers,
-            test_fraction=args.test_fraction,
-            progress=not args.no_progress,
+            config.out_dir,
+            n_images=config.images,
+            size=config.size,
+            seed=config.seed,
+            workers=config.workers,
+            test_fraction=config.test_fraction,
+            progress=config.progress,
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -236,6 +236,18 @@ def test_cli_bench_pipeline_writes_json(synth_dir, tmp_path, capsys):
     assert r["pipeline_settings"]["parallel_map"] is False
     assert "fraction of limit" in capsys.readouterr().out
 
+    # a SIMULATED device at N x the single-core rate of that record: the rate comes from it
+    small = ["--data", str(synth_dir), "--batch-size", "4", "--image-size", "32", "--batches",
+             "4", "--windows", "2", "--warmup", "1", "--single-core-batches", "2"]  # fmt: skip
+    device = tmp_path / "device.json"
+    times = ["--device-times", "2", "--device-reference", str(out), "--json", str(device)]
+    assert main(["bench-pipeline", *small, *times]) == 0
+    expected = round(2 * r["single_core_images_per_sec"], 1)
+    assert json.loads(device.read_text())["device_rate"] == pytest.approx(expected)
+    assert main(["bench-pipeline", *small, *times, "--device-rate", "5"]) == 2  # one or other
+    assert main(["bench-pipeline", *small, "--device-times", "2"]) == 2  # needs the reference
+    assert "--device-reference" in capsys.readouterr().err
+
 
 def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata):
     df = bench.ablation(

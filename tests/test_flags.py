@@ -106,6 +106,7 @@ def test_help_and_its_default():
     assert "how many (default: 3)" in text and "run folder" in text
     assert "(default: 'plain')" in text  # repr: an empty string shows as ''
     assert "how many\n" in parser_for(default_help="").format_help()
+    assert "an optional cap\n" in text  # None is "not given": no "(default: None)"
 
 
 def test_hidden_fields_keep_their_default_or_an_override():

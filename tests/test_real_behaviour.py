@@ -192,11 +192,11 @@ def test_file_cache_serves_the_second_pass_after_the_images_are_gone(synth_dir, 
 
 
 def _serve(role: str, args: list[str], cwd: Path, procs: list) -> str:
-    """Start one tf.data service server (``python -m chexlib.dataservice``) in ``cwd``."""
+    """Start one tf.data service server (``chexlib data-service ROLE``) in ``cwd``."""
     from chexlib.dataservice import READY, _read_line
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chexlib.dataservice", role, *args],
+        [sys.executable, "-m", "chexlib.cli", "data-service", role, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

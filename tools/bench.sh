@@ -13,7 +13,6 @@ cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}  # keep TensorFlow's start-up logging out of the results
 VENV=${VENV:-.venv}
 CHEXLIB="$VENV/bin/chexlib"
-PY="$VENV/bin/python"
 BENCH_DIR=${BENCH_DIR:-outputs/bench}
 N_IMAGES=${BENCH_IMAGES:-300}          # generated images (NIH layout)
 SOURCE_SIZE=${BENCH_SOURCE_SIZE:-1024} # their side in pixels, as NIH's
@@ -57,10 +56,9 @@ measure optimized-compact --pipeline optimized --source records --records "$BENC
 measure optimized-png --pipeline optimized --source records --records "$BENCH_DIR/records-png"
 
 # A SIMULATED accelerator at DEVICE_TIMES the single-core rate measured above.
-RATE=$("$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(round(float(sys.argv[2]) * r["single_core_images_per_sec"], 1))' \
-  "$RESULTS/optimized-raw.json" "$DEVICE_TIMES")
-measure device-naive --pipeline naive "${raw[@]}" --device-rate "$RATE"
-measure device-optimized --pipeline optimized "${raw[@]}" --device-rate "$RATE"
+device=(--device-times "$DEVICE_TIMES" --device-reference "$RESULTS/optimized-raw.json")
+measure device-naive --pipeline naive "${raw[@]}" "${device[@]}"
+measure device-optimized --pipeline optimized "${raw[@]}" "${device[@]}"
 # ---- end of input pipelines ----
 
 echo
