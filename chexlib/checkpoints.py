@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chexlib.run_record import RunRecord
 from chexlib.train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"  # the folder under --out
@@ -175,14 +176,14 @@ class Resumed:
         start_epoch: the first epoch to train (0-based; the epochs already done).
         history: the per-epoch records of those epochs.
         plateau: the ReduceLROnPlateau state to continue from, or None.
-        finished: the stored metrics of a run that already reached ``--epochs``
+        finished: the stored record of a run that already reached ``--epochs``
             (then nothing is trained or written), else None.
     """
 
     start_epoch: int
     history: list[dict]
     plateau: dict | None = None
-    finished: dict | None = None
+    finished: RunRecord | None = None
 
 
 def restore(
@@ -261,7 +262,7 @@ def _load_checkpoint(root: Path, model, optimizer, settings: Callable[[], dict])
     return state
 
 
-def _finished_metrics(out: Path, config: TrainConfig, state: dict | None) -> dict | None:
+def _finished_metrics(out: Path, config: TrainConfig, state: dict | None) -> RunRecord | None:
     """Rank 0: the run's metrics.json when ``state`` reached --epochs and wrote it, else None."""
     from chexlib.results import read_json
 
@@ -270,4 +271,6 @@ def _finished_metrics(out: Path, config: TrainConfig, state: dict | None) -> dic
         return None
     metrics = read_json(path, expect=dict)
     # metrics of this checkpoint, not of a shorter run that was then extended
-    return metrics if len(metrics.get("history") or []) == state["epochs_done"] else None
+    if len(metrics.get("history") or []) != state["epochs_done"]:
+        return None
+    return RunRecord.from_dict(metrics)  # a record that is not a training run's fails here

@@ -137,8 +137,9 @@ def gather(cluster: HorovodCluster, name: str) -> dict:
     return {rank: cluster.client[by_rank[rank]].pull(name, block=True) for rank in sorted(by_rank)}
 
 
-def rank_table(results: dict):
-    """One row per rank from ``{rank: train(config) result}`` (see :func:`gather`).
+def rank_table(records: dict):
+    """One row per rank from ``{rank: train(config)}``, each a
+    :class:`~chexlib.run_record.RunRecord` (see :func:`gather`).
 
     Columns: rank, ranks; the last epoch's training loss (averaged over ranks
     by Horovod's metric averaging, so equal on every rank) and validation loss;
@@ -149,23 +150,22 @@ def rank_table(results: dict):
     import pandas as pd
 
     rows = []
-    for rank, m in sorted(results.items()):
-        last = (m.get("history") or [{}])[-1]
-        per_rank = (m.get("throughput") or {}).get("per_rank") or []
+    for rank, r in sorted(records.items()):
+        last = r.history[-1] if r.history else {}  # an epoch without validation has no val_loss
+        per_rank = r.throughput.get("per_rank") or []  # none when nothing was timed
         own = per_rank[rank] if rank < len(per_rank) else {}
-        digests = m.get("weights_sha256_per_rank") or []
         rows.append(
             {
-                "rank": m.get("rank", rank),
-                "ranks": m.get("ranks"),
+                "rank": r.rank,
+                "ranks": r.ranks,
                 "loss": last.get("loss"),
                 "val_loss": last.get("val_loss"),
-                "test_loss": m.get("test_loss"),
-                "mean_auroc": m.get("mean_auroc"),
+                "test_loss": r.test_loss,
+                "mean_auroc": r.mean_auroc,
                 "images_per_sec_rank": own.get("median"),
-                "images_per_sec_job": m.get("images_per_sec"),
-                "weights_sha256": digests[rank][:12] if rank < len(digests) else None,
-                "weights_in_sync": m.get("weights_in_sync"),
+                "images_per_sec_job": r.images_per_sec,
+                "weights_sha256": r.weights_sha256_per_rank[rank][:12],
+                "weights_in_sync": r.weights_in_sync,
             }
         )
     return pd.DataFrame(rows)

@@ -9,7 +9,7 @@ MPI is needed; ``mpirun`` commands are built for clusters that have it):
 ``horovod.run`` (:func:`run`, or :func:`run_function` for any function)
     starts N processes that run ``train(config)`` and hands the rank-0
     result back to the caller: a notebook (papermill or JupyterLab) trains on
-    N ranks and gets the metrics as a dict.
+    N ranks and gets the run's :class:`~chexlib.run_record.RunRecord`.
 ipyparallel (:class:`HorovodCluster`)
     starts N ipyparallel engines and wires them as ONE Horovod job, the way
     ``horovodrun`` wires its processes: the launcher runs Horovod's HTTP
@@ -76,6 +76,7 @@ from chexlib.launch_horovod import (
 )
 from chexlib.launch_ranks import STACK_SIGNAL, LaunchError, collect_stacks, install_stack_dump
 from chexlib.ranklog import RankLog
+from chexlib.run_record import RunRecord
 
 __all__ = [
     "LOG_OUTPUT_ENV",
@@ -154,11 +155,11 @@ class LaunchConfig:
         return dataclasses.asdict(self)
 
 
-def launch(config, launch_config: LaunchConfig) -> dict:
+def launch(config, launch_config: LaunchConfig) -> RunRecord:
     """Train ``config`` (a ``TrainConfig``) with the ranks and mode of ``launch_config``.
 
     Returns:
-        Rank 0's metrics (the same dict that is written to ``metrics.json``).
+        Rank 0's record (what is written to ``metrics.json``), in every mode.
 
     Raises:
         LaunchError: a rank failed, or the job outlived ``launch_config.timeout``.

@@ -229,8 +229,9 @@ class HorovodCluster:
         """``hvd.init()`` and an allreduce on every engine; one dict per engine, by rank."""
         return [r for _, r in sorted(self.run(engine_horovod_check, timeout=timeout).items())]
 
-    def train(self, config, timeout: float | None = None, log: RankLog | None = None) -> dict:
-        """Run ``chexlib.train.train(config)`` on every engine; return rank 0's metrics.
+    def train(self, config, timeout: float | None = None, log: RankLog | None = None):
+        """Run ``chexlib.train.train(config)`` on every engine; return rank 0's
+        :class:`~chexlib.run_record.RunRecord`.
 
         ``log``: an open :class:`RankLog` the engines' output lines go to as they come.
 

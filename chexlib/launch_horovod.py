@@ -42,6 +42,7 @@ from chexlib.launch_ranks import (
     write_note,
 )
 from chexlib.ranklog import RankLog, pump
+from chexlib.run_record import RunRecord
 
 # --- horovod.run -------------------------------------------------------------------------
 
@@ -201,8 +202,8 @@ def run(
     verbose: int = 0,
     timeout: float | None = None,
     log: RankLog | None = None,
-) -> dict:
-    """Run ``chexlib.train.train(config)`` on ``np`` Horovod ranks (Gloo); return rank 0's result.
+) -> RunRecord:
+    """Run ``chexlib.train.train(config)`` on ``np`` Horovod ranks (Gloo); return rank 0's record.
 
     Args:
         config: a ``chexlib.train.TrainConfig``.
@@ -297,8 +298,8 @@ def run_horovodrun(
     timeout: float | None = None,
     env: dict | None = None,
     log: RankLog | None = None,
-) -> dict:
-    """Run :func:`horovodrun_command` as a subprocess; return the metrics rank 0 wrote.
+) -> RunRecord:
+    """Run :func:`horovodrun_command` as a subprocess; return the record rank 0 wrote.
 
     Args:
         log: an open :class:`RankLog`: each line horovodrun prints (every
@@ -348,4 +349,4 @@ def run_horovodrun(
     if proc.returncode != 0:
         tail = "\n".join([*out, *err][-40:])
         raise LaunchError(f"exit status {proc.returncode}: {' '.join(command)}\n{tail}")
-    return read_json(Path(config.out) / "metrics.json")
+    return RunRecord.from_dict(read_json(Path(config.out) / "metrics.json"))

@@ -2,11 +2,16 @@
 per-class AUROC beside the published numbers (theirs), throughput per rank, the
 synthetic-data ceiling of a run, and the terminal summary.
 
-Used by ``chexlib train`` (its CSVs and last lines) and notebook 04. Reporting
-layer: numpy and pandas only, never TensorFlow.
+Each function reads a :class:`chexlib.run_record.RunRecord`, the run's typed
+record (what ``chexlib train``, :func:`chexlib.launch.launch` and
+:func:`chexlib.train.train` return). Used by ``chexlib train`` (its CSVs and
+last lines) and notebooks 04 and 04b. Reporting layer: numpy and pandas only,
+never TensorFlow.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,39 +22,40 @@ from chexlib.reference import (
     POSTER_MEAN_AUROC,
     POSTER_VAL_AUROC,
 )
+from chexlib.run_record import RunRecord
 
 
-def history_frame(metrics: dict):
+def history_frame(record: RunRecord):
     """Per-epoch history as a table: loss, val_loss, mean and per-class val AUROC, LR, times."""
     import pandas as pd
 
     rows = []
-    for h in metrics["history"]:
+    for h in record.history:
         row = {k: v for k, v in h.items() if not isinstance(v, dict)}
         row.update({f"val_auroc/{k}": v for k, v in (h.get("val_auroc") or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def auroc_table(metrics: dict):
+def auroc_table(record: RunRecord):
     """Per-class AUROC of this run beside CheXNet's (test) and the poster's (validation)."""
     import pandas as pd
 
-    split = metrics.get("auroc_split") or "val"
+    split = record.auroc_split or "val"
     rows = [
         {
             "label": label,
-            f"ours ({split})": metrics["auroc"].get(label),
+            f"ours ({split})": record.auroc.get(label),
             "CheXNet (test)": CHEXNET_TEST_AUROC[label],
             "poster (val)": POSTER_VAL_AUROC[label],
-            "note": (metrics.get("auroc_reasons") or {}).get(label, ""),
+            "note": record.auroc_reasons.get(label, ""),
         }
         for label in LABELS
     ]
     rows.append(
         {
             "label": "mean",
-            f"ours ({split})": metrics.get("mean_auroc"),
+            f"ours ({split})": record.mean_auroc,
             "CheXNet (test)": CHEXNET_MEAN_AUROC,
             "poster (val)": POSTER_MEAN_AUROC,
             "note": "ours: mean of the defined classes",
@@ -61,13 +67,23 @@ def auroc_table(metrics: dict):
     return table
 
 
-def throughput_frame(runs: dict):
+@dataclass(frozen=True)
+class Ceiling:
+    """The synthetic-data ceiling of a ``--paired-synthetic`` run, shaped like a run for
+    :func:`throughput_frame`: images/s in total and per rank, and each rank's windows."""
+
+    images_per_sec: float
+    images_per_sec_per_rank: float
+    throughput: dict  # {"per_rank": [{"median", "ci95", "windows"}, ...]}
+
+
+def throughput_frame(runs: dict[str, RunRecord | Ceiling]):
     """Images/s per rank (median and 1.96 std over windows) of named runs, e.g. real vs synthetic."""
     import pandas as pd
 
     rows = []
-    for name, metrics in runs.items():
-        for rank, r in enumerate(metrics["throughput"]["per_rank"]):
+    for name, run in runs.items():
+        for rank, r in enumerate(run.throughput["per_rank"]):
             rows.append(
                 {
                     "input": name,
@@ -75,33 +91,33 @@ def throughput_frame(runs: dict):
                     "images_per_sec": r["median"],
                     "ci95": r["ci95"],
                     "windows": r["windows"],
-                    "total_images_per_sec": metrics["images_per_sec"],
+                    "total_images_per_sec": run.images_per_sec,
                 }
             )
     return pd.DataFrame(rows)
 
 
-def paired_ceiling(metrics: dict) -> dict | None:
-    """The synthetic-data ceiling a ``--paired-synthetic`` run measured, shaped like a
-    run's metrics for :func:`throughput_frame` (per-rank median of the synthetic
-    windows, total their sum); None unless every rank has a (real, synthetic) pair."""
-    paired = metrics.get("paired_synthetic")
+def paired_ceiling(record: RunRecord) -> Ceiling | None:
+    """The synthetic-data ceiling a ``--paired-synthetic`` run measured (per-rank median
+    of the synthetic windows, total their sum); None unless every rank has a
+    (real, synthetic) pair."""
+    paired = record.paired_synthetic
     if not paired or not all(p["pairs"] for p in paired):
         return None
     medians = [p["synthetic_median"] for p in paired]
-    return {
-        "images_per_sec": float(sum(medians)),
-        "images_per_sec_per_rank": float(np.mean(medians)),
-        "throughput": {
+    return Ceiling(
+        images_per_sec=float(sum(medians)),
+        images_per_sec_per_rank=float(np.mean(medians)),
+        throughput={
             "per_rank": [
                 {"median": p["synthetic_median"], "ci95": None, "windows": p["pairs"]}
                 for p in paired
             ]
         },
-    }
+    )
 
 
-def ceiling_metrics(metrics: dict, synthetic: dict | None = None) -> dict:
+def ceiling_metrics(record: RunRecord, synthetic: RunRecord | None = None) -> dict:
     """The synthetic-data ceiling of a run and real / synthetic, for its run record.
 
     ``synthetic`` is a separate ``--synthetic`` run of the same configuration;
@@ -110,16 +126,16 @@ def ceiling_metrics(metrics: dict, synthetic: dict | None = None) -> dict:
     rank's median (real window / the synthetic window after it): adjacent
     windows share the machine's state, so this ratio is the less noisy one.
     """
-    paired = paired_ceiling(metrics)
+    paired = paired_ceiling(record)
     ceiling, kind = (synthetic, "separate") if synthetic else (paired, "paired" if paired else None)
-    real = metrics.get("images_per_sec")
+    real = record.images_per_sec
     if kind == "paired":
-        fraction = metrics.get("fraction_of_synthetic_paired")
+        fraction = record.fraction_of_synthetic_paired
     else:
-        fraction = real / ceiling["images_per_sec"] if real and ceiling else None
-    per_rank = ceiling["images_per_sec_per_rank"] if ceiling else None
+        fraction = real / ceiling.images_per_sec if real and ceiling else None
+    per_rank = ceiling.images_per_sec_per_rank if ceiling else None
     return {
-        "synthetic_images_per_sec": ceiling["images_per_sec"] if ceiling else None,
+        "synthetic_images_per_sec": ceiling.images_per_sec if ceiling else None,
         "synthetic_images_per_sec_per_rank": per_rank,
         # the model's own cost: wall ms per image of one rank with its cores, no input work
         "model_ms_per_image": 1000.0 / per_rank if per_rank else None,
@@ -128,19 +144,19 @@ def ceiling_metrics(metrics: dict, synthetic: dict | None = None) -> dict:
     }
 
 
-def summary_text(metrics: dict) -> str:
+def summary_text(record: RunRecord) -> str:
     """A few lines for the terminal."""
 
     def fmt(v, spec=".1f"):
         return "n/a" if v is None else format(v, spec)
 
+    r = record
     lines = [
-        f"{metrics['model']} {metrics['source']}/{metrics['pipeline']}"
-        f"{' (synthetic)' if metrics['synthetic'] else ''}: {metrics['ranks']} rank(s), "
-        f"batch {metrics['batch_size_per_rank']}/rank, {metrics['steps_per_epoch']} steps/epoch",
-        f"  throughput: {fmt(metrics['images_per_sec'])} images/s total, "
-        f"{fmt(metrics['images_per_sec_per_rank'])} per rank (+- {fmt(metrics['images_per_sec_ci95'])})",
-        f"  mean AUROC ({metrics['auroc_split'] or 'n/a'}): {fmt(metrics['mean_auroc'], '.3f')}",
-        f"  wall time: {metrics['wall_seconds']:.1f} s",
+        f"{r.model} {r.source}/{r.pipeline}{' (synthetic)' if r.synthetic else ''}: "
+        f"{r.ranks} rank(s), batch {r.batch_size_per_rank}/rank, {r.steps_per_epoch} steps/epoch",
+        f"  throughput: {fmt(r.images_per_sec)} images/s total, "
+        f"{fmt(r.images_per_sec_per_rank)} per rank (+- {fmt(r.images_per_sec_ci95)})",
+        f"  mean AUROC ({r.auroc_split or 'n/a'}): {fmt(r.mean_auroc, '.3f')}",
+        f"  wall time: {r.wall_seconds:.1f} s",
     ]
     return "\n".join(lines)

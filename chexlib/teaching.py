@@ -399,18 +399,19 @@ def plot_auroc_bars(table, title: str = "per-class AUROC"):
     return fig
 
 
-def ceiling_runs(metrics: dict, synthetic: dict | None = None) -> dict:
+def ceiling_runs(record, synthetic=None) -> dict:
     """Named runs for ``run_report.throughput_frame``: the real one and its ceiling, if any.
 
-    The ceiling is the separate synthetic run when there was one, else the
-    run's own paired synthetic windows (``--paired-synthetic``).
+    ``record`` is the run's :class:`~chexlib.run_record.RunRecord`; the ceiling is
+    ``synthetic``, the record of a separate synthetic run, when there was one,
+    else the run's own paired synthetic windows (``--paired-synthetic``).
     """
     from chexlib.run_report import paired_ceiling
 
     if synthetic:
-        return {"real": metrics, "synthetic": synthetic}
-    paired = paired_ceiling(metrics)
-    return {"real": metrics, **({"synthetic (paired)": paired} if paired else {})}
+        return {"real": record, "synthetic": synthetic}
+    paired = paired_ceiling(record)
+    return {"real": record, **({"synthetic (paired)": paired} if paired else {})}
 
 
 def plot_run_throughput(throughput, title: str = ""):
@@ -435,7 +436,7 @@ def ceiling_run(config, launch_config, out_dir, steps: int, paired: bool):
     ``steps`` is 0.
 
     Returns:
-        ``(synthetic_config, metrics or None, message)``.
+        ``(synthetic_config, its RunRecord or None, message)``.
     """
     import dataclasses
 

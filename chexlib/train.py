@@ -72,6 +72,7 @@ TensorFlow and Horovod are imported when a run starts, so ``chexlib train
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -97,6 +98,7 @@ from chexlib.models import build_model
 from chexlib.rank_data import RankData, epoch_seed, paired_with_synthetic
 from chexlib.rank_setup import drop_bad_horovod_env as _drop_bad_horovod_env  # noqa: F401 (tests)
 from chexlib.rank_setup import read_timeline
+from chexlib.run_record import RunRecord
 from chexlib.run_report import summary_text
 from chexlib.train_config import (
     TrainConfig,
@@ -160,7 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-        metrics = train(config)
+        record = train(config)
     except (ValueError, DataError, WeightsError, FileExistsError, FileNotFoundError) as err:
         print(f"chexlib train: error: {err}", file=sys.stderr)
         return 2
@@ -172,16 +174,17 @@ def run_train(args: argparse.Namespace) -> int:
             )
             return 1
         raise
-    if metrics.get("rank", 0) == 0:
-        print(summary_text(metrics))
+    if record.rank == 0:
+        print(summary_text(record))
     return 0
 
 
 # --- the recipe ------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> dict:
-    """Train CheXNet on this Horovod rank and return the run's metrics (the same on every rank).
+def train(config: TrainConfig) -> RunRecord:
+    """Train CheXNet on this Horovod rank and return the run's record (the same on every rank
+    but for its ``rank``).
 
     Call it on every rank (``horovodrun ... chexlib train``, :func:`chexlib.launch.run`
     or ipyparallel engines); a single process is a job of one rank. Only rank 0 writes files.
@@ -216,7 +219,7 @@ def train(config: TrainConfig) -> dict:
         settings = checkpoints.settings_once(config, ranks, data.metadata)
         resumed = checkpoints.restore(config, rank, model, optimizer, settings)
         if resumed.finished is not None:  # a finished run: trained nothing, wrote nothing
-            return resumed.finished
+            return dataclasses.replace(resumed.finished, rank=rank)  # rank 0 read it
         # Horovod: broadcast the initial variables (and, on resume, optimizer state) from rank 0
         # before the first step. Not BroadcastGlobalVariablesCallback: it acts after the first
         # step of the first fit() call, so on resume it would copy rank 0's BatchNorm statistics
@@ -235,7 +238,7 @@ def train(config: TrainConfig) -> dict:
         )
         if rank == 0:  # Horovod: only rank 0 writes results
             write_outputs(Path(config.out), config, record)
-        return record.to_dict()  # a dict, as horovodrun's metrics.json reads back
+        return record
 
 
 def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorers, settings):

@@ -165,7 +165,6 @@ def write_outputs(out: Path, config: TrainConfig, record: RunRecord) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     params = {**config.to_dict(), "ranks": record.ranks}
-    metrics = record.to_dict()
-    write_run_record(out, params, metrics)  # write_json makes NaN and numpy values JSON-safe
-    history_frame(metrics).to_csv(out / "history.csv", index=False)
-    auroc_table(metrics).to_csv(out / "auroc.csv")
+    write_run_record(out, params, record.to_dict())  # write_json makes NaN and numpy JSON-safe
+    history_frame(record).to_csv(out / "history.csv", index=False)
+    auroc_table(record).to_csv(out / "auroc.csv")

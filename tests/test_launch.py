@@ -83,16 +83,16 @@ def test_two_ranks_end_with_identical_weights(records_dir, tmp_path):
     from chexlib.records import read_manifest
 
     config = tiny_config(tmp_path / "run", source="records", records=str(records_dir))
-    metrics = launch.run_horovodrun(config, np=2, timeout=400)
-    assert metrics["ranks"] == 2 and metrics["global_batch_size"] == 16
-    digests = metrics["weights_sha256_per_rank"]
-    assert len(digests) == 2 and digests[0] == digests[1] and metrics["weights_in_sync"]
+    record = launch.run_horovodrun(config, np=2, timeout=400)
+    assert record.ranks == 2 and record.global_batch_size == 16
+    digests = record.weights_sha256_per_rank
+    assert len(digests) == 2 and digests[0] == digests[1] and record.weights_in_sync
     splits = read_manifest(records_dir)["splits"]
     assert splits["val"]["shards"] < 2  # fewer files than ranks
-    assert metrics["val_images"] == splits["val"]["records"]
-    assert metrics["test_images"] == splits["test"]["records"]
-    assert len(metrics["throughput"]["per_rank"]) == 2 and metrics["images_per_sec"] > 0
-    assert metrics["learning_rate"] == pytest.approx(2e-3)  # scaled by 2 ranks
+    assert record.val_images == splits["val"]["records"]
+    assert record.test_images == splits["test"]["records"]
+    assert len(record.throughput["per_rank"]) == 2 and record.images_per_sec > 0
+    assert record.learning_rate == pytest.approx(2e-3)  # scaled by 2 ranks
 
 
 @pytest.mark.slow

@@ -65,17 +65,23 @@ def marker(monkeypatch):
 
 
 def test_rank_table_one_row_per_rank():
+    from test_run_record import train_metrics
+
     from chexlib.interactive import rank_table
+    from chexlib.run_record import RunRecord
 
     shared = {
+        **train_metrics(),
         "ranks": 2,
         "history": [{"loss": 0.7}, {"loss": 0.5, "val_loss": 0.6}],
         "throughput": {"per_rank": [{"median": 10.0}, {"median": 12.0}]},
         "images_per_sec": 22.0,
+        "test_loss": None,
         "weights_sha256_per_rank": ["ab" * 32, "ab" * 32],
         "weights_in_sync": True,
     }
-    table = rank_table({1: {**shared, "rank": 1}, 0: {**shared, "rank": 0}})
+    by_rank = {rank: RunRecord.from_dict({**shared, "rank": rank}) for rank in (1, 0)}
+    table = rank_table(by_rank)
     assert table["rank"].tolist() == [0, 1] and table["loss"].tolist() == [0.5, 0.5]
     assert table["images_per_sec_rank"].tolist() == [10.0, 12.0]
     assert table["weights_sha256"].tolist() == ["ab" * 6] * 2 and table["test_loss"].isna().all()

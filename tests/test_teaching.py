@@ -7,9 +7,11 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from test_run_record import train_metrics
 
 from chexlib import teaching
 from chexlib.data import LABELS
+from chexlib.run_record import RunRecord
 
 matplotlib.use("Agg")
 
@@ -127,7 +129,7 @@ def test_prefetch_timings_come_from_the_sweep_or_say_illustrative():
     assert "illustrative" in teaching.prefetch_timings(sweep, 32, "records-compact")[2]
 
 
-def _metrics(evaluated: bool) -> dict:
+def _record(evaluated: bool) -> RunRecord:
     history = [
         {"epoch": e, "loss": 0.5 / e, "lr": 1e-3,
          **({"val_loss": 0.6 / e, "val_mean_auroc": 0.5 + 0.1 * e,
@@ -138,31 +140,33 @@ def _metrics(evaluated: bool) -> dict:
         {"median": 10.0, "ci95": 1.0, "windows": 3},
         {"median": 11.0, "ci95": 2.0, "windows": 3},
     ]
-    return {
+    return RunRecord.from_dict({
+        **train_metrics(),
         "history": history, "auroc": {label: 0.7 for label in LABELS}, "auroc_split": "test",
         "mean_auroc": 0.7, "images_per_sec": 21.0, "throughput": {"per_rank": per_rank},
         "paired_synthetic": [
             {"pairs": 2, "synthetic_median": 20.0}, {"pairs": 2, "synthetic_median": 22.0}
         ],
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def test_run_report_figures():
     from chexlib.run_report import auroc_table, history_frame, throughput_frame
 
     for evaluated in (True, False):
-        fig = teaching.plot_learning_curves(history_frame(_metrics(evaluated)))
+        fig = teaching.plot_learning_curves(history_frame(_record(evaluated)))
         loss_ax, auroc_ax = fig.get_axes()
         assert len(loss_ax.get_lines()) == (2 if evaluated else 1)
         assert len(auroc_ax.get_lines()) == (len(LABELS) + 2 if evaluated else 0)
-    fig = teaching.plot_auroc_bars(auroc_table(_metrics(True)), "title")
+    fig = teaching.plot_auroc_bars(auroc_table(_record(True)), "title")
     (ax,) = fig.get_axes()
     assert len(ax.patches) == 3 * len(LABELS) and ax.get_title() == "title"
 
-    runs = teaching.ceiling_runs(_metrics(True))
+    runs = teaching.ceiling_runs(_record(True))
     assert list(runs) == ["real", "synthetic (paired)"]
-    assert runs["synthetic (paired)"]["images_per_sec"] == pytest.approx(42.0)
-    assert list(teaching.ceiling_runs(_metrics(True), synthetic={"x": 1})) == ["real", "synthetic"]
+    assert runs["synthetic (paired)"].images_per_sec == pytest.approx(42.0)
+    separate = teaching.ceiling_runs(_record(True), synthetic=_record(False))
+    assert list(separate) == ["real", "synthetic"]
     fig = teaching.plot_run_throughput(throughput_frame(runs), "t")
     assert len(fig.get_axes()[0].patches) == 4
 

@@ -22,6 +22,7 @@ import pytest
 from chexlib import run_report as R
 from chexlib import train as T
 from chexlib.data import LABELS
+from chexlib.run_record import RunRecord
 
 CHEXLIB = str(Path(sys.executable).parent / "chexlib")
 
@@ -237,9 +238,9 @@ def planted_dir(tmp_path_factory):
 def test_tiny_model_learns_planted_signals(planted_dir, tmp_path):
     """Mean AUROC far above chance on the planted patterns (0.80-0.92 seen over seeds; threshold 0.75)."""
     config = tiny_config(planted_dir, tmp_path / "run", image_size=64, batch_size=32, epochs=8)
-    metrics = T.train(config)
-    assert metrics["history"][-1]["val_mean_auroc"] >= 0.75
-    assert metrics["mean_auroc"] >= 0.75 and metrics["auroc_split"] == "test"
+    record = T.train(config)
+    assert record.history[-1]["val_mean_auroc"] >= 0.75
+    assert record.mean_auroc >= 0.75 and record.auroc_split == "test"
     # the run record has the keys the study reads
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in (
@@ -295,12 +296,12 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_p
                        "run 'naive'", "image_size: checkpoint 32, this run 48"):  # fmt: skip
         assert difference in str(refused.value)
     resumed = T.train(dataclasses.replace(killed, resume=True))
-    assert resumed["resumed_from_epoch"] == 2
-    for a, b in zip(whole["history"], resumed["history"], strict=True):
+    assert resumed.resumed_from_epoch == 2
+    for a, b in zip(whole.history, resumed.history, strict=True):
         for key in ("loss", "val_loss", "val_mean_auroc", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
-    assert resumed["mean_auroc"] == pytest.approx(whole["mean_auroc"], abs=1e-6)
-    assert resumed["images_per_sec"] > 0  # one epoch of 8 steps after the resume is timed
+    assert resumed.mean_auroc == pytest.approx(whole.mean_auroc, abs=1e-6)
+    assert resumed.images_per_sec > 0  # one epoch of 8 steps after the resume is timed
 
     # resuming a finished run trains nothing and leaves its record byte for byte
     record = (tmp_path / "whole" / "metrics.json").read_bytes()
@@ -308,12 +309,14 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to train" in again.stdout
     assert (tmp_path / "whole" / "metrics.json").read_bytes() == record
+    finished = T.train(dataclasses.replace(killed, out=str(tmp_path / "whole"), resume=True))
+    assert finished == RunRecord.from_dict(json.loads(record))  # the stored record, typed
 
     # the checkpoint is also a --weights source: the final model, variable for variable
     from chexlib.models import build_model
 
     loaded = build_model("tiny", image_size=32, weights=str(tmp_path / "killed"))
-    assert _digest(loaded) == resumed["weights_sha256_per_rank"][0]
+    assert _digest(loaded) == resumed.weights_sha256_per_rank[0]
 
 
 def test_resume_settings_cover_what_changes_the_result(synth_dir):
@@ -378,16 +381,16 @@ def test_eight_short_epochs_report_images_per_sec(synth_dir, tmp_path):
         synth_dir, tmp_path / "short", epochs=8, batch_size=2, steps_per_epoch=18,
         throughput_warmup_steps=10, throughput_window_steps=10, evaluate=False, checkpoint=False,
     )  # fmt: skip
-    metrics = T.train(config)
-    per_rank = metrics["throughput"]["per_rank"][0]
-    assert metrics["images_per_sec"] > 0 and metrics["throughput"]["note"] is None
-    assert metrics["throughput"]["timed_steps"] == 8 + 7 * 17  # warm-up once, then each epoch's
+    record = T.train(config)
+    per_rank = record.throughput["per_rank"][0]
+    assert record.images_per_sec > 0 and record.throughput["note"] is None
+    assert record.throughput["timed_steps"] == 8 + 7 * 17  # warm-up once, then each epoch's
     assert per_rank["windows"] == 12  # first step after the epoch boundary not timed
-    assert all(h["images_per_sec"] > 0 for h in metrics["history"][1:])
+    assert all(h["images_per_sec"] > 0 for h in record.history[1:])
 
     tiny = T.train(dataclasses.replace(config, out=str(tmp_path / "tiny"), epochs=1,
                                        steps_per_epoch=5))  # fmt: skip
-    assert tiny["images_per_sec"] > 0 and "warm-up" in tiny["throughput"]["note"]
+    assert tiny.images_per_sec > 0 and "warm-up" in tiny.throughput["note"]
 
 
 def test_existing_checkpoint_needs_resume(synth_dir, tmp_path):
@@ -412,9 +415,9 @@ def test_synthetic_run_measures_throughput_without_data(tmp_path):
         throughput_warmup_steps=2,
         throughput_window_steps=2,
     )
-    metrics = T.train(config)
-    assert metrics["images_per_sec"] > 0 and metrics["throughput"]["per_rank"][0]["windows"] == 4
-    assert metrics["mean_auroc"] is None and set(metrics["auroc_reasons"].values()) == {
+    record = T.train(config)
+    assert record.images_per_sec > 0 and record.throughput["per_rank"][0]["windows"] == 4
+    assert record.mean_auroc is None and set(record.auroc_reasons.values()) == {
         "synthetic data: no evaluation"
     }
     assert json.loads((tmp_path / "syn" / "metrics.json").read_text())["synthetic"] is True
@@ -463,10 +466,11 @@ def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
     assert metrics["fraction_of_synthetic_paired"] == pytest.approx(paired["ratio_median"])
     assert metrics["throughput"]["per_rank"][0]["windows"] == 2  # images/s from real windows only
     assert metrics["mean_auroc"] is None  # half the steps saw random data: no evaluation
-    ceiling = R.paired_ceiling(metrics)  # what the notebook plots and records as the ceiling
-    assert ceiling["images_per_sec"] == pytest.approx(paired["synthetic_median"])
+    record = RunRecord.from_dict(metrics)
+    ceiling = R.paired_ceiling(record)  # what the notebook plots and records as the ceiling
+    assert ceiling.images_per_sec == pytest.approx(paired["synthetic_median"])
     assert R.throughput_frame({"synthetic (paired)": ceiling})["windows"].tolist() == [2]
-    assert R.paired_ceiling({**metrics, "paired_synthetic": None}) is None
+    assert R.paired_ceiling(dataclasses.replace(record, paired_synthetic=None)) is None
     with pytest.raises(ValueError, match="drop --synthetic"):
         tiny_config(synth_dir, tmp_path / "x", synthetic=True, paired_synthetic=True)
 
