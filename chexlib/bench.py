@@ -23,11 +23,13 @@
   ``batch / rate`` seconds by sleeping (no CPU used), standing in for a GPU
   training at ``rate`` images/s. Utilization = busy time / wall time; input
   stall = time spent waiting for the next batch. Every output that uses it
-  says "simulated".
+  says "simulated". ``--device-times X --device-reference RECORD`` sets the
+  rate to X times the single-core rate of an earlier record.
 
 The profiling notebook's sweeps (every pipeline on every source, the
 ablation, the simulated-device sweep) and the conclusions written from them
-are in :mod:`chexlib.bench_sweeps`, kept importable from here.
+are in :mod:`chexlib.bench_sweeps`, kept importable from here, as is the
+printout of one measurement (:func:`chexlib.bench_report.describe`).
 """
 
 from __future__ import annotations

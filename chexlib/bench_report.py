@@ -5,9 +5,9 @@
 bench-train``: each run's real images/s against its paired synthetic windows).
 
 ``tools/bench.sh`` writes one JSON record per measurement (``chexlib
-bench-pipeline --json``) into a folder; this module reads them back and
-prints each comparison measured side by side in that run, its target and
-PASS or MISS. It never starts TensorFlow.
+bench-pipeline --json``, which prints it with :func:`describe`) into a
+folder; this module reads them back and prints each comparison measured side
+by side in that run, its target and PASS or MISS. It never starts TensorFlow.
 
 Targets (issue 15 and the pipeline issue before it):
 
