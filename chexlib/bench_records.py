@@ -336,7 +336,10 @@ class BenchRecordsCommand:
     )
     work_dir: str = option("records are written under here", default="outputs/bench_records")
     variants: tuple[str, ...] = option(
-        None, default=records_shards.VARIANTS, choices=records_shards.VARIANTS, nargs="+"
+        "record variants to convert",
+        default=records_shards.VARIANTS,
+        choices=records_shards.VARIANTS,
+        nargs="+",
     )
     workers: tuple[int, ...] = option("worker counts", default=(1, 2), nargs="+")
     images_per_shard: int = option("records per shard", default=32)

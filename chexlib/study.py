@@ -44,6 +44,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,7 +443,7 @@ def _short(err: Exception) -> str:
 def run_study(
     spec_path: str | Path,
     outputs: str | Path = DEFAULT_OUTPUTS,
-    only: list[str] | None = None,
+    only: Sequence[str] | None = None,
     dry_run: bool = False,
     jobs: int = 1,
     html: bool = True,
@@ -491,7 +492,7 @@ def run_study(
 
 
 def _selected_runs(
-    spec: dict, spec_path, runs: list[Run], only: list[str] | None, log
+    spec: dict, spec_path, runs: list[Run], only: Sequence[str] | None, log
 ) -> list[Run]:
     """``runs``, or those of the ``only`` stages; notes stray run folders."""
     for folder in _unlisted_run_folders(runs):
@@ -613,7 +614,7 @@ def run(args) -> int:
     result = run_study(
         config.spec,
         outputs=config.outputs,
-        only=list(config.only or ()),
+        only=config.only,
         dry_run=config.dry_run,
         jobs=config.jobs,
         html=config.html,
