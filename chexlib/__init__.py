@@ -1,18 +1,23 @@
 """chexlib: fast CheXNet training on NIH ChestX-ray14, measured.
 
-One module per idea, in layers: data (``data``, ``images``, ``synth*``),
-records (``records*``), the input pipeline (``sources``, ``imageops``,
-``spng``, ``pipeline``, ``dataservice``), training (``train`` and the modules
-it names), launching (``launch*``, ``ranklog``, ``interactive``), measuring
-(``bench*``), the study and its reports (``study``, ``results``, ``summary``,
-``verdicts``, ``plots``, ...; no TensorFlow), Grad-CAM (``explain``), and the
-command line (``cli``, ``flags``). The README's module table lists them all.
+The package tree is its architecture: one subpackage per layer, each saying in
+its docstring what it owns and which layers it may import, lower layers first:
 
-Heavy dependencies (TensorFlow, Horovod) are imported inside the modules that
-need them, so ``import chexlib`` and the data tools stay fast.
+- ``core``: flags from config dataclasses, durable JSON, run folders, the run
+  record, published reference numbers (standard library, numpy, pandas);
+- ``data``: NIH metadata, splits, validation, PNG decoding; ``synth``: the
+  generated dataset;
+- ``records``: TFRecord schema, conversion, reading and verifying;
+- ``pipeline``: the tf.data input pipelines;
+- ``train``: the Horovod training recipe and its parts;
+- ``explain``: Grad-CAM; ``launch``: starting N ranks; ``bench``: benchmarks;
+- ``report`` and ``study``: reports, figures, verdicts and the papermill
+  study (never TensorFlow);
+- ``walkthrough``: the notebooks' helpers; ``cli``: the command line.
+
+``tests/test_layout.py`` holds the allowed directions. TensorFlow and Horovod
+are imported by the modules that need them, so ``import chexlib`` and the data
+tools stay fast.
 """
 
-from chexlib.data import LABELS
-
 __version__ = "0.1.0"
-__all__ = ["LABELS", "__version__"]

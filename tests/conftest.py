@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A generated ChestX-ray14-format dataset: 120 images of 128x128."""
-    from chexlib.synth import generate
+    from chexlib.synth.generate import generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, n_images=120, size=128, seed=7, workers=2, progress=False)
@@ -22,6 +22,6 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_metadata(synth_dir):
-    from chexlib.data import load_metadata
+    from chexlib.data.metadata import load_metadata
 
     return load_metadata(synth_dir)

@@ -1,4 +1,4 @@
-"""chexlib.affinity: each rank on its own cores, every thread of the process pinned."""
+"""chexlib.train.affinity: each rank on its own cores, every thread of the process pinned."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from chexlib import affinity
+from chexlib.train import affinity
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
 

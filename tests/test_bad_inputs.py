@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexlib import records
-from chexlib.images import BadImage, check_png, png_header_problem, read_grayscale
+from chexlib.data.png import BadImage, check_png, png_header_problem, read_grayscale
+from chexlib.records import read
 
 CHEXLIB = str(Path(sys.executable).with_name("chexlib"))
 
@@ -162,7 +162,7 @@ def test_convert_skip_bad_skips_each_with_its_reason_and_training_can_decode_the
     res = _run("convert", str(data), str(out), "--skip-bad", "--workers", "2", "--no-progress")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Traceback" not in res.stderr + res.stdout
-    skipped = {e["image"]: e["reason"] for e in records.read_manifest(out)["skipped"]}
+    skipped = {e["image"]: e["reason"] for e in read.read_manifest(out)["skipped"]}
     assert set(skipped) == set(names.values())
     for kind, (_, reason) in BAD.items():
         assert reason in skipped[names[kind]], (kind, skipped[names[kind]])

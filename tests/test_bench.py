@@ -1,4 +1,4 @@
-"""chexlib.bench: timing windows, the limit, the simulated device, the CLI and notebook 03.
+"""chexlib.bench.measure: timing windows, the limit, the simulated device, the CLI and notebook 03.
 
 Timings are not asserted (benchmarks are not tests): only that the numbers
 exist, are consistent with each other and are labelled as they should be.
@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from chexlib import bench
-from chexlib.cli import main
+from chexlib.bench import config, measure, peers, sweeps, timing
+from chexlib.cli.main import main
+from chexlib.report import benchmarks
 
 TINY = dict(
     batch_size=4,
@@ -42,22 +43,24 @@ def fake_batches(seconds_per_batch: float, n: int = 4):
 
 
 def test_a_window_lasts_at_least_min_window_sec():
-    timing = bench.time_batches(
+    timed = timing.time_batches(
         fake_batches(0.0), warmup=0, batches=2, windows=2, min_window_sec=0.2
     )
-    assert len(timing.window_rates) == 2 and timing.wall_sec >= 0.4
-    assert timing.images > 2 * 4  # more batches than asked were pulled to fill the time
+    assert len(timed.window_rates) == 2 and timed.wall_sec >= 0.4
+    assert timed.images > 2 * 4  # more batches than asked were pulled to fill the time
 
 
 def test_time_batches_windows_and_simulated_utilization():
-    fast = bench.time_batches(fake_batches(0.0), warmup=1, batches=6, windows=3, device_rate=200.0)
+    fast = timing.time_batches(fake_batches(0.0), warmup=1, batches=6, windows=3, device_rate=200.0)
     assert len(fast.window_rates) == 3 and fast.images == 24
     summary = fast.summary(200.0)
-    assert summary["device"] == bench.SIMULATED and "simulated" in summary["device"]
+    assert summary["device"] == config.SIMULATED and "simulated" in summary["device"]
     assert summary["utilization"] > 0.8  # input never waits (up to sleep overhead)
     assert summary["images_per_sec"] <= 200.0 * 1.05
     # input slower than the device: the device starves
-    slow = bench.time_batches(fake_batches(0.04), warmup=0, batches=4, windows=2, device_rate=400.0)
+    slow = timing.time_batches(
+        fake_batches(0.04), warmup=0, batches=4, windows=2, device_rate=400.0
+    )
     assert slow.summary(400.0)["utilization"] < 0.5
     assert slow.stall_sec > 0.1
     assert "utilization" not in slow.summary(None)
@@ -65,20 +68,20 @@ def test_time_batches_windows_and_simulated_utilization():
 
 def test_bench_config_rejects_bad_settings(synth_dir):
     with pytest.raises(ValueError, match="keras-sequence reads PNG"):
-        bench.BenchConfig(pipeline="keras-sequence", source="records", records_dir="x")
+        config.BenchConfig(pipeline="keras-sequence", source="records", records_dir="x")
     with pytest.raises(ValueError, match="needs data_dir"):
-        bench.BenchConfig(source="raw")
+        config.BenchConfig(source="raw")
     with pytest.raises(ValueError, match="unknown step"):
-        bench.BenchConfig(data_dir=str(synth_dir), disable=("magic",))
+        config.BenchConfig(data_dir=str(synth_dir), disable=("magic",))
     with pytest.raises(ValueError, match="device_rate"):
-        bench.BenchConfig(data_dir=str(synth_dir), device_rate=0)
+        config.BenchConfig(data_dir=str(synth_dir), device_rate=0)
 
 
 def test_measure_reports_limit_and_settings(synth_dir, synth_metadata):
-    cfg = bench.BenchConfig(
+    cfg = config.BenchConfig(
         pipeline="optimized", data_dir=str(synth_dir), device_rate=5000.0, **TINY
     )
-    r = bench.measure(cfg, synth_metadata)
+    r = measure.measure(cfg, synth_metadata)
     for key in (
         "pipeline",
         "source",
@@ -99,49 +102,49 @@ def test_measure_reports_limit_and_settings(synth_dir, synth_metadata):
         r["cpu_count"] * r["single_core_images_per_sec"]
     )
     assert r["fraction_of_limit"] == pytest.approx(r["images_per_sec"] / r["limit_images_per_sec"])
-    assert r["device"] == bench.SIMULATED and 0 < r["utilization"] <= 1
+    assert r["device"] == config.SIMULATED and 0 < r["utilization"] <= 1
     assert r["pipeline_settings"]["parallel_map"] is True
-    assert "SIMULATED" in bench.describe(r)
+    assert "SIMULATED" in benchmarks.describe(r)
     json.dumps(r)  # serialisable as is
 
 
 def test_keras_sequence_peer_reads_the_same_files(synth_dir, synth_metadata):
-    cfg = bench.BenchConfig(
+    cfg = config.BenchConfig(
         pipeline="keras-sequence", data_dir=str(synth_dir), keras_workers=2, **TINY
     )
-    seq = bench.png_sequence(cfg, synth_metadata)
+    seq = peers.png_sequence(cfg, synth_metadata)
     x, y = seq[0]
     assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32 and y.shape == (4, 14)
     train = synth_metadata[synth_metadata["split"] == "train"]
     assert sorted(seq.paths) == sorted(train["path"])
-    r = bench.measure(cfg, synth_metadata)
+    r = measure.measure(cfg, synth_metadata)
     assert (
         r["pipeline"] == "keras-sequence" and r["images_per_sec"] > 0 and "fraction_of_limit" in r
     )
 
 
 def test_keras_directory_peer_is_keras_own_loader_over_the_split_folder(synth_dir, synth_metadata):
-    from chexlib.bench_peers import image_folder, keras_directory_dataset
+    from chexlib.bench.peers import image_folder, keras_directory_dataset
 
-    cfg = bench.BenchConfig(pipeline="keras-directory", data_dir=str(synth_dir), **TINY)
+    cfg = config.BenchConfig(pipeline="keras-directory", data_dir=str(synth_dir), **TINY)
     folder = image_folder(cfg, synth_metadata)
     assert all(p.startswith(folder) for p in synth_metadata["path"])
     images = next(iter(keras_directory_dataset(cfg, synth_metadata)))
     assert images.shape == (4, 32, 32, 1) and images.dtype == tf.float32  # no normalisation
-    r = bench.measure(cfg, synth_metadata)
+    r = measure.measure(cfg, synth_metadata)
     assert r["pipeline"] == "keras-directory" and r["images_per_sec"] > 0
     assert r["cpu_ms_per_image"] > 0 and r["single_core_images_per_sec"] > 0
     with pytest.raises(ValueError, match="reads PNG files"):
-        bench.BenchConfig(pipeline="keras-directory", source="records", records_dir="x")
+        config.BenchConfig(pipeline="keras-directory", source="records", records_dir="x")
 
 
 def test_reference_rates_measure_the_independent_limit_and_each_decoder(synth_dir, synth_metadata):
-    from chexlib import spng
+    from chexlib.pipeline import spng
 
-    cfg = bench.BenchConfig(
+    cfg = config.BenchConfig(
         pipeline="optimized", data_dir=str(synth_dir), reference_rates=True, **TINY
     )
-    r = bench.measure(cfg, synth_metadata)
+    r = measure.measure(cfg, synth_metadata)
     assert r["independent_limit_images_per_sec"] == pytest.approx(
         r["cpu_count"] * r["independent_single_core_images_per_sec"]
     )
@@ -154,15 +157,15 @@ def test_reference_rates_measure_the_independent_limit_and_each_decoder(synth_di
     assert r["cpu_ms_per_image_over_fastest_decoder"] == pytest.approx(
         r["cpu_ms_per_image"] / min(decoders.values())
     )
-    assert "independent limit" in bench.describe(r)
+    assert "independent limit" in benchmarks.describe(r)
     assert r["decode_in_tf_data_cpu_ms_per_image"] > 0
 
 
 def test_paired_rounds_alternate_two_real_pipelines_in_one_process(synth_dir, synth_metadata):
-    cfg = bench.BenchConfig(
+    cfg = config.BenchConfig(
         pipeline="optimized", data_dir=str(synth_dir), paired_with="keras-directory", **TINY
     )
-    r = bench.measure(cfg, synth_metadata)
+    r = measure.measure(cfg, synth_metadata)
     p = r["paired"]
     assert p["with"] == "keras-directory" and p["rounds"] == len(p["ratios"]) == 6
     rates = p["images_per_sec"]
@@ -172,11 +175,11 @@ def test_paired_rounds_alternate_two_real_pipelines_in_one_process(synth_dir, sy
     pairs = zip(rates["optimized"], rates["keras-directory"], strict=True)
     assert p["ratios"] == pytest.approx([a / b for a, b in pairs])
     assert p["ratio_min"] <= p["ratio"] <= p["ratio_max"]
-    assert "paired with keras-directory" in bench.describe(r)
+    assert "paired with keras-directory" in benchmarks.describe(r)
     with pytest.raises(ValueError, match="paired_with"):
-        bench.BenchConfig(pipeline="optimized", data_dir="x", paired_with="optimized")
+        config.BenchConfig(pipeline="optimized", data_dir="x", paired_with="optimized")
     with pytest.raises(ValueError, match="reads PNG files"):
-        bench.BenchConfig(source="records", records_dir="x", paired_with="keras-directory")
+        config.BenchConfig(source="records", records_dir="x", paired_with="keras-directory")
 
 
 def test_cli_bench_pipeline_writes_json(synth_dir, tmp_path, capsys):
@@ -250,7 +253,7 @@ def test_cli_bench_pipeline_writes_json(synth_dir, tmp_path, capsys):
 
 
 def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata):
-    df = bench.ablation(
+    df = sweeps.ablation(
         "raw",
         data_dir=str(synth_dir),
         metadata=synth_metadata,
@@ -307,7 +310,7 @@ def _fake_results(tmp_path, **changes):
 
 
 def test_report_prints_each_ratio_with_its_target(tmp_path):
-    from chexlib.bench_report import report
+    from chexlib.report.benchmarks import report
 
     text = report(_fake_results(tmp_path))
     assert "1.90x" in text and ">= 1.8x" in text
@@ -319,7 +322,7 @@ def test_report_prints_each_ratio_with_its_target(tmp_path):
 
 
 def test_report_says_miss_when_a_target_is_missed(tmp_path):
-    from chexlib.bench_report import report
+    from chexlib.report.benchmarks import report
 
     slow = {"cpu_ms_per_image": 7.0, "cpu_ms_per_image_over_fastest_decoder": 7.0 / 4.5}
     text = report(
@@ -332,7 +335,7 @@ def test_report_says_miss_when_a_target_is_missed(tmp_path):
 
 
 def test_report_judges_keras_directory_by_the_paired_rounds_when_measured(tmp_path):
-    from chexlib.bench_report import report
+    from chexlib.report.benchmarks import report
 
     # separate runs say 190/160 = 1.19x (pass); the paired rounds in one process say 1.05x
     paired = {"with": "keras-directory", "rounds": 6, "ratio": 1.05, "ratio_min": 0.98,
@@ -346,7 +349,7 @@ def test_report_judges_keras_directory_by_the_paired_rounds_when_measured(tmp_pa
 
 
 def test_bench_report_command_needs_records(tmp_path, capsys):
-    from chexlib.cli import main
+    from chexlib.cli.main import main
 
     assert main(["bench-report", str(tmp_path)]) == 2
     assert "no *.json" in capsys.readouterr().err
@@ -417,7 +420,7 @@ def test_conclusion_is_computed_from_the_numbers():
             },
         ]
     )
-    text = bench.conclusion_markdown(throughput, ablation, utilization, cores=2)
+    text = sweeps.conclusion_markdown(throughput, ablation, utilization, cores=2)
     assert "1.90x naive" in text and "95% of the CPU limit" in text and "2.00x the Keras" in text
     assert "10.00x as fast" in text
     assert "*parallel-map* costs the most (48%" in text and "slack" in text
@@ -426,14 +429,14 @@ def test_conclusion_is_computed_from_the_numbers():
 
 def test_profile_config_validates():
     with pytest.raises(ValueError, match="unknown sources"):
-        bench.ProfileConfig(output_dir="x", data_dir="d", sources=["raw", "hdf5"])
+        sweeps.ProfileConfig(output_dir="x", data_dir="d", sources=["raw", "hdf5"])
     with pytest.raises(ValueError, match="are not among sources"):
-        bench.ProfileConfig(
+        sweeps.ProfileConfig(
             output_dir="x", data_dir="d", sources=["raw"], ablation_sources=["records-compact"]
         )
     with pytest.raises(ValueError, match="batches >= repeats"):
-        bench.ProfileConfig(output_dir="x", data_dir="d", batches=2, repeats=5)
-    cfg = bench.ProfileConfig(
+        sweeps.ProfileConfig(output_dir="x", data_dir="d", batches=2, repeats=5)
+    cfg = sweeps.ProfileConfig(
         output_dir="x", data_dir="d", sources=["raw"], ablation_sources=["raw"]
     )
     assert cfg.sources == ("raw",) and cfg.to_dict()["batch_size"] == 32
@@ -452,9 +455,9 @@ def _kernel_env(monkeypatch):
 
 @pytest.mark.slow
 def test_notebook_03_runs_with_tiny_parameters(synth_dir, tmp_path, monkeypatch):
-    from chexlib.notebook import run_notebook
+    from chexlib.study.notebook import run_notebook
 
-    monkeypatch.chdir(bench.Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     _kernel_env(monkeypatch)
     out = tmp_path / "run"
     params = dict(

@@ -1,4 +1,4 @@
-"""chexlib.data and chexlib.images on a hand-made folder in the NIH layout."""
+"""chexlib.data.metadata and chexlib.data.png on a hand-made folder in the NIH layout."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexlib.data import LABELS, DataError, load_metadata, split_summary, validate_images
-from chexlib.images import read_grayscale
+from chexlib.data.metadata import LABELS, DataError, load_metadata, split_summary, validate_images
+from chexlib.data.png import read_grayscale
 
 HEADER = [
     "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
@@ -207,7 +207,7 @@ def test_validate_counts_ok_missing_corrupt(nih):
 
 
 def test_validate_cli_exit_status_and_names(nih):
-    cmd = [sys.executable, "-m", "chexlib.cli", "validate", str(nih), "--workers", "1"]
+    cmd = [sys.executable, "-m", "chexlib.cli.main", "validate", str(nih), "--workers", "1"]
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "PASSED" in ok.stdout
@@ -221,7 +221,9 @@ def test_validate_cli_exit_status_and_names(nih):
 def test_validate_cli_reports_metadata_errors(nih):
     _rewrite_csv(nih, lambda r: r[2].__setitem__(1, "Dragon"))
     res = subprocess.run(
-        [sys.executable, "-m", "chexlib.cli", "validate", str(nih)], capture_output=True, text=True
+        [sys.executable, "-m", "chexlib.cli.main", "validate", str(nih)],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 2 and "Dragon" in res.stderr
 

@@ -1,4 +1,4 @@
-"""chexlib.explain: scores on hand-made heatmaps, Grad-CAM of a trained tiny run, the CLI, notebook 06."""
+"""chexlib.explain.gradcam: scores on hand-made heatmaps, Grad-CAM of a trained tiny run, the CLI, notebook 06."""
 
 from __future__ import annotations
 
@@ -9,43 +9,43 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chexlib import explain as E
-from chexlib.data import LABELS
+from chexlib.data.metadata import LABELS
+from chexlib.explain import gradcam
 
 # --- scores on hand-made heatmaps and boxes ---------------------------------------------
 
 
 def test_box_mask_takes_the_pixels_whose_centres_are_inside():
-    mask = E.box_mask((1.0, 2.0, 3.0, 2.0), (6, 8))
+    mask = gradcam.box_mask((1.0, 2.0, 3.0, 2.0), (6, 8))
     assert mask.sum() == 6 and mask[2:4, 1:4].all()
-    assert E.box_mask((0.6, 0.6, 0.8, 0.8), (4, 4)).sum() == 0  # holds no pixel centre
+    assert gradcam.box_mask((0.6, 0.6, 0.8, 0.8), (4, 4)).sum() == 0  # holds no pixel centre
 
 
 def test_pointing_game_on_a_known_heatmap():
     heat = np.zeros((10, 10))
     heat[2, 3] = 1.0
     heat[7, 7] = 0.9
-    assert E.peak(heat) == (2, 3)
-    assert E.pointing_hit(heat, (3, 2, 1, 1))  # x=3, y=2: exactly the peak's pixel
-    assert E.pointing_hit(heat, (0, 0, 5, 5))
-    assert not E.pointing_hit(heat, (6, 6, 3, 3))  # holds the runner-up only
-    assert not E.pointing_hit(np.zeros((10, 10)), (0, 0, 10, 10))  # nothing pointed at
+    assert gradcam.peak(heat) == (2, 3)
+    assert gradcam.pointing_hit(heat, (3, 2, 1, 1))  # x=3, y=2: exactly the peak's pixel
+    assert gradcam.pointing_hit(heat, (0, 0, 5, 5))
+    assert not gradcam.pointing_hit(heat, (6, 6, 3, 3))  # holds the runner-up only
+    assert not gradcam.pointing_hit(np.zeros((10, 10)), (0, 0, 10, 10))  # nothing pointed at
 
 
 def test_iou_of_the_thresholded_heatmap_with_the_box():
     heat = np.zeros((10, 10))
     heat[2:6, 2:6] = 1.0  # 16 pixels above half the maximum
     heat[8, 8] = 0.4  # below half: not in the mask
-    assert E.heat_iou(heat, (2, 2, 4, 2)) == pytest.approx(8 / 16)
-    assert E.heat_iou(heat, (2, 2, 4, 4)) == pytest.approx(1.0)
-    assert E.heat_iou(heat, (2, 2, 4, 4), threshold=0.3) == pytest.approx(16 / 17)
-    assert E.heat_iou(heat, (7, 0, 3, 3)) == 0.0
-    assert E.heat_iou(np.zeros((4, 4)), (0, 0, 2, 2)) == 0.0
+    assert gradcam.heat_iou(heat, (2, 2, 4, 2)) == pytest.approx(8 / 16)
+    assert gradcam.heat_iou(heat, (2, 2, 4, 4)) == pytest.approx(1.0)
+    assert gradcam.heat_iou(heat, (2, 2, 4, 4), threshold=0.3) == pytest.approx(16 / 17)
+    assert gradcam.heat_iou(heat, (7, 0, 3, 3)) == 0.0
+    assert gradcam.heat_iou(np.zeros((4, 4)), (0, 0, 2, 2)) == 0.0
 
 
 def test_boxes_scale_from_stored_pixels_to_the_model_input():
-    assert E.scale_box((512, 256, 100, 50), (1024, 1024), 128) == (64, 32, 12.5, 6.25)
-    assert E.scale_box((10, 10, 20, 20), (200, 100), 50) == (5, 2.5, 10, 5)
+    assert gradcam.scale_box((512, 256, 100, 50), (1024, 1024), 128) == (64, 32, 12.5, 6.25)
+    assert gradcam.scale_box((10, 10, 20, 20), (200, 100), 50) == (5, 2.5, 10, 5)
 
 
 def test_summary_averages_findings_with_equal_weight():
@@ -57,41 +57,41 @@ def test_summary_averages_findings_with_equal_weight():
             "box_fraction": [0.1, 0.1, 0.1, 0.02],
         }
     )
-    s = E.summarize(scores)
+    s = gradcam.summarize(scores)
     assert s["boxes"] == 4 and s["findings_with_boxes"] == 2
     assert s["hit_rate"] == pytest.approx((2 / 3 + 0) / 2)
     assert s["hit_rate_pooled"] == pytest.approx(0.5)
     assert s["mean_iou"] == pytest.approx((0.3 + 0.0) / 2)
     assert s["hit_rate_chance"] == pytest.approx(0.06)
     assert s["per_finding"]["Mass"]["boxes"] == 3
-    table = E.finding_table(s)
+    table = gradcam.finding_table(s)
     assert list(table.index) == ["Mass", "Nodule", "mean over findings"]
-    assert E.summarize(scores.iloc[:0])["hit_rate"] is None
+    assert gradcam.summarize(scores.iloc[:0])["hit_rate"] is None
 
 
 def test_reads_nih_box_list_with_its_spelling(tmp_path):
-    (tmp_path / E.BBOX_NAME).write_text(
+    (tmp_path / gradcam.BBOX_NAME).write_text(
         "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
         "00013118_008.png,Atelectasis,225.08,547.02,86.78,79.19,,,\n"
         "00014716_007.png,Infiltrate,686.1,422.3,82.1,127.1,,,\n"
     )
-    boxes = E.read_boxes(tmp_path)
+    boxes = gradcam.read_boxes(tmp_path)
     assert list(boxes.columns) == ["image", "finding", "x", "y", "w", "h"]
     assert list(boxes["finding"]) == ["Atelectasis", "Infiltration"]
     assert boxes.loc[0, "w"] == pytest.approx(86.78)
-    assert E.read_boxes(tmp_path / "nothing") is None
-    (tmp_path / E.BBOX_NAME).write_text(
+    assert gradcam.read_boxes(tmp_path / "nothing") is None
+    (tmp_path / gradcam.BBOX_NAME).write_text(
         "Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Cat,1,2,3,4,,,\n"
     )
-    with pytest.raises(E.ExplainError, match="unknown finding"):
-        E.read_boxes(tmp_path)
+    with pytest.raises(gradcam.ExplainError, match="unknown finding"):
+        gradcam.read_boxes(tmp_path)
 
 
 def test_config_validates():
-    with pytest.raises(E.ExplainError, match="run must name"):
-        E.ExplainConfig(data="d")
-    with pytest.raises(E.ExplainError, match="threshold"):
-        E.ExplainConfig(run="r", data="d", threshold=1.5)
+    with pytest.raises(gradcam.ExplainError, match="run must name"):
+        gradcam.ExplainConfig(data="d")
+    with pytest.raises(gradcam.ExplainError, match="threshold"):
+        gradcam.ExplainConfig(run="r", data="d", threshold=1.5)
 
 
 def test_find_run_looks_inside_a_stage_folder(tmp_path):
@@ -99,19 +99,19 @@ def test_find_run_looks_inside_a_stage_folder(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "params.json").write_text("{}")
     (run / "checkpoints" / "latest.json").write_text("{}")
-    assert E.find_run(run) == run
-    assert E.find_run(run.parent) == run
-    assert E.find_run(tmp_path / "learning") == run
+    assert gradcam.find_run(run) == run
+    assert gradcam.find_run(run.parent) == run
+    assert gradcam.find_run(tmp_path / "learning") == run
     other = tmp_path / "learning" / "def456" / "run"
     other.mkdir(parents=True)
     (other / "params.json").write_text("{}")
     (other / "checkpoints").mkdir()
     (other / "checkpoints" / "latest.json").write_text("{}")
-    with pytest.raises(E.ExplainError, match="2 trained runs"):
-        E.find_run(tmp_path / "learning")
-    assert E.find_run(tmp_path / "learning" / "def*") == other
-    with pytest.raises(E.ExplainError, match="2 folders match"):
-        E.find_run(tmp_path / "learning" / "*")
+    with pytest.raises(gradcam.ExplainError, match="2 trained runs"):
+        gradcam.find_run(tmp_path / "learning")
+    assert gradcam.find_run(tmp_path / "learning" / "def*") == other
+    with pytest.raises(gradcam.ExplainError, match="2 folders match"):
+        gradcam.find_run(tmp_path / "learning" / "*")
 
 
 # --- Grad-CAM of a real trained run ------------------------------------------------------
@@ -120,7 +120,8 @@ def test_find_run_looks_inside_a_stage_folder(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(synth_dir, tmp_path_factory):
     """The tiny test CNN trained 2 epochs at 64 px on the suite's generated set (with boxes)."""
-    from chexlib.train import TrainConfig, train
+    from chexlib.train.config import TrainConfig
+    from chexlib.train.recipe import train
 
     out = tmp_path_factory.mktemp("explain") / "run"
     config = TrainConfig(
@@ -142,20 +143,20 @@ def tiny_run(synth_dir, tmp_path_factory):
 
 
 def test_synth_dir_has_boxes_for_the_explained_images(synth_dir):
-    boxes = E.read_boxes(synth_dir)
+    boxes = gradcam.read_boxes(synth_dir)
     assert boxes is not None and len(boxes) > 0
 
 
 def test_heatmaps_have_the_input_shape_and_real_values(tiny_run, synth_dir):
-    from chexlib.data import load_metadata
+    from chexlib.data.metadata import load_metadata
 
-    net, params = E.load_run_model(tiny_run)
+    net, params = gradcam.load_run_model(tiny_run)
     assert (params["model"], params["image_size"]) == ("tiny", 64)
-    assert E.last_conv_layer(net) == "tiny_relu3"
-    chosen = E.select_images(load_metadata(synth_dir), E.read_boxes(synth_dir), 4)
-    gray, x, stored = E.load_images(chosen["path"], 64, "tiny")
+    assert gradcam.last_conv_layer(net) == "tiny_relu3"
+    chosen = gradcam.select_images(load_metadata(synth_dir), gradcam.read_boxes(synth_dir), 4)
+    gray, x, stored = gradcam.load_images(chosen["path"], 64, "tiny")
     assert gray.shape == (4, 64, 64) and gray.dtype == np.uint8 and stored[0] == (128, 128)
-    maps, probs = E.heatmaps(net, x, [0, 2, 4])
+    maps, probs = gradcam.heatmaps(net, x, [0, 2, 4])
     assert maps.shape == (4, 3, 64, 64) and probs.shape == (4, len(LABELS))
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6
     lit = [m for m in maps.reshape(12, 64, 64) if m.max() > 0]
@@ -164,9 +165,9 @@ def test_heatmaps_have_the_input_shape_and_real_values(tiny_run, synth_dir):
     assert np.allclose(probs, np.asarray(net(x, training=False)), atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", E.UPSAMPLING)
+@pytest.mark.parametrize("kernel", gradcam.UPSAMPLING)
 def test_upsampling_puts_each_cell_at_its_centre(kernel):
-    m = E.upsampling_matrix(4, 64, 15.5, 16.0, kernel)  # the tiny CNN's 4 x 4 map at 64 px
+    m = gradcam.upsampling_matrix(4, 64, 15.5, 16.0, kernel)  # the tiny CNN's 4 x 4 map at 64 px
     assert m.shape == (64, 4) and np.allclose(m.sum(axis=1), 1.0)
     assert all(m[15 + 16 * j, j] == 1.0 for j in range(4))  # pixels 15, 31, ...: not 8, 24, ...
     assert m[39, 1] == pytest.approx(m[39, 2])  # halfway (a plain resize centres cell 2 at 40)
@@ -178,14 +179,15 @@ def test_a_bicubic_peak_can_fall_between_cell_centres():
     # between their centres. Bilinear can only point at a centre; bicubic points between.
     cells = np.array([0.0, 0.2, 0.9, 1.0, 0.2, 0.0, 0.0, 0.0])
     peaks = {
-        k: int(np.argmax(E.upsampling_matrix(8, 128, 15.5, 16.0, k) @ cells)) for k in E.UPSAMPLING
+        k: int(np.argmax(gradcam.upsampling_matrix(8, 128, 15.5, 16.0, k) @ cells))
+        for k in gradcam.UPSAMPLING
     }
     assert peaks["bilinear"] == 15 + 16 * 3  # the stronger cell's centre, pixel 63
     assert 47 < peaks["bicubic"] < 63  # between the two centres
-    flat = E.upsampling_matrix(8, 128, 15.5, 16.0, "bicubic") @ np.ones(8)
+    flat = gradcam.upsampling_matrix(8, 128, 15.5, 16.0, "bicubic") @ np.ones(8)
     assert np.allclose(flat, 1.0)  # a constant map stays constant
-    with pytest.raises(E.ExplainError, match="upsampling"):
-        E.upsampling_matrix(8, 128, 15.5, 16.0, "nearest")
+    with pytest.raises(gradcam.ExplainError, match="upsampling"):
+        gradcam.upsampling_matrix(8, 128, 15.5, 16.0, "nearest")
 
 
 @pytest.mark.parametrize("size,layer", [(64, ""), (128, "tiny_relu2")])
@@ -194,10 +196,10 @@ def test_feature_grid_is_where_the_receptive_fields_are(size, layer):
     # grid half an input pixel; measured here as the middle of the pixels a cell sees.
     import tensorflow as tf
 
-    from chexlib.models import build_model
+    from chexlib.train.models import build_model
 
-    cams = E.cam_model(build_model("tiny", size), layer)
-    (r0, rstep), (c0, cstep) = E.feature_grid(cams)
+    cams = gradcam.cam_model(build_model("tiny", size), layer)
+    (r0, rstep), (c0, cstep) = gradcam.feature_grid(cams)
     x = tf.random.normal([4, size, size, 3], seed=0)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -213,29 +215,29 @@ def test_feature_grid_is_where_the_receptive_fields_are(size, layer):
 
 @pytest.mark.parametrize("model,layer", [("densenet121", "relu"), ("resnet50", "conv5_block3_out")])
 def test_the_last_convolutional_block_of_the_real_models(model, layer):
-    from chexlib.models import build_model
+    from chexlib.train.models import build_model
 
     net = build_model(model, 64)
-    assert E.last_conv_layer(net) == layer
+    assert gradcam.last_conv_layer(net) == layer
     x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
-    maps, _ = E.heatmaps(net, x, [3])
+    maps, _ = gradcam.heatmaps(net, x, [3])
     assert maps.shape == (1, 1, 64, 64) and np.isfinite(maps).all()
 
 
 def test_cli_writes_overlays_scores_and_summary(tiny_run, synth_dir, tmp_path):
-    from chexlib.cli import main
+    from chexlib.cli.main import main
 
     out = tmp_path / "explained"
     argv = ["explain", str(tiny_run), "--data", str(synth_dir), "--images", "6", "--out", str(out)]
     assert main(argv) == 0
-    summary = json.loads((out / E.SUMMARY_JSON).read_text())
+    summary = json.loads((out / gradcam.SUMMARY_JSON).read_text())
     assert (
         summary["images"] == 6 and summary["model"] == "tiny" and summary["layer"] == "tiny_relu3"
     )
-    scores = pd.read_csv(out / E.LOCALIZATION_CSV)
-    assert list(scores.columns) == list(E.SCORE_COLUMNS)
-    boxes = E.read_boxes(synth_dir)
-    chosen = set(pd.read_csv(out / E.HEATMAPS_CSV)["image"])
+    scores = pd.read_csv(out / gradcam.LOCALIZATION_CSV)
+    assert list(scores.columns) == list(gradcam.SCORE_COLUMNS)
+    boxes = gradcam.read_boxes(synth_dir)
+    chosen = set(pd.read_csv(out / gradcam.HEATMAPS_CSV)["image"])
     assert len(chosen) == 6 and len(scores) == boxes["image"].isin(chosen).sum() == summary["boxes"]
     assert (
         summary["boxes"] > 0
@@ -243,7 +245,7 @@ def test_cli_writes_overlays_scores_and_summary(tiny_run, synth_dir, tmp_path):
         and 0 < summary["hit_rate_chance"] < 1
     )
     assert ((scores[["peak_x", "peak_y"]] >= 0) & (scores[["peak_x", "peak_y"]] < 64)).all().all()
-    heat = pd.read_csv(out / E.HEATMAPS_CSV)
+    heat = pd.read_csv(out / gradcam.HEATMAPS_CSV)
     assert heat["boxed"].sum() == len(scores) and (heat.groupby("image").size() >= 3).all()
     with Image.open(out / heat["overlay"].iloc[0]) as img:
         assert img.mode == "RGB" and img.size == (256, 256)
@@ -252,7 +254,7 @@ def test_cli_writes_overlays_scores_and_summary(tiny_run, synth_dir, tmp_path):
 
 @pytest.mark.slow
 def test_explain_notebook_records_the_score(tiny_run, synth_dir, tmp_path):
-    from chexlib.notebook import run_notebook
+    from chexlib.study.notebook import run_notebook
 
     out = tmp_path / "nb"
     params = {
@@ -265,4 +267,4 @@ def test_explain_notebook_records_the_score(tiny_run, synth_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 4 and "hit_rate" in metrics and "per_finding" in metrics
     assert json.loads((out / "params.json").read_text())["images"] == 4
-    assert (out / "overlays.png").stat().st_size > 0 and (out / E.LOCALIZATION_CSV).is_file()
+    assert (out / "overlays.png").stat().st_size > 0 and (out / gradcam.LOCALIZATION_CSV).is_file()

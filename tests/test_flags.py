@@ -1,4 +1,4 @@
-"""chexlib.flags: a config dataclass's fields as command-line flags, and back."""
+"""chexlib.core.flags: a config dataclass's fields as command-line flags, and back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from chexlib.flags import add_flags, config_from_args, config_to_argv, flags_of, option
+from chexlib.core.flags import add_flags, config_from_args, config_to_argv, flags_of, option
 
 STEPS = ("cache", "prefetch", "parallel-map")
 

@@ -13,7 +13,7 @@ import time
 import cloudpickle
 import pytest
 
-from chexlib import launch, launch_ranks
+from chexlib.launch import engines, horovodrun, launcher, processes
 
 # Horovod sends functions to its ranks with cloudpickle; the ranks cannot import
 # this test module, so its functions travel by value.
@@ -71,10 +71,10 @@ def _sleep_on_rank_1():
 
 
 def test_launch_config_timeout_applies_to_every_mode():
-    for mode in launch.MODES:
-        assert launch.LaunchConfig(mode=mode, timeout=30).timeout == 30
+    for mode in launcher.MODES:
+        assert launcher.LaunchConfig(mode=mode, timeout=30).timeout == 30
     with pytest.raises(ValueError, match="timeout must be > 0"):
-        launch.LaunchConfig(timeout=0)
+        launcher.LaunchConfig(timeout=0)
 
 
 def test_stack_summary_shows_the_main_thread():
@@ -86,7 +86,7 @@ def test_stack_summary_shows_the_main_thread():
         '  File "/x/job.py", line 12 in main\n'
     )
     assert (
-        launch_ranks._where(dump)
+        processes._where(dump)
         == 'File "/x/job.py", line 7 in stall\n      File "/x/job.py", line 12 in main'
     )
 
@@ -94,14 +94,14 @@ def test_stack_summary_shows_the_main_thread():
 @pytest.mark.slow
 def test_horovod_run_names_the_rank_that_hangs():
     start = time.monotonic()
-    with pytest.raises(launch.LaunchError) as err:
-        launch.run_function(_hang_on_rank_1, np=2, timeout=15)
+    with pytest.raises(processes.LaunchError) as err:
+        horovodrun.run_function(_hang_on_rank_1, np=2, timeout=15)
     assert time.monotonic() - start < 45
     message = str(err.value)
     assert "horovod.run: timed out after 15 s; rank(s) still running: 1 (stopped)" in message
     assert "Ranks that had ended: 0" in message
     assert "in _hang_on_rank_1" in message  # the line rank 1 was stuck on, from its stack
-    assert launch_ranks.rank_processes(os.getpid()) == {}  # nothing left running
+    assert processes.rank_processes(os.getpid()) == {}  # nothing left running
 
 
 @pytest.mark.slow
@@ -114,23 +114,23 @@ def test_horovod_run_names_the_rank_that_hangs():
 )
 def test_horovod_run_names_a_rank_that_raises_or_dies(how, expected):
     start = time.monotonic()
-    with pytest.raises(launch.LaunchError, match="horovod.run failed") as err:
-        launch.run_function(_fail_on_rank_1, args=(how,), np=2, timeout=120)
+    with pytest.raises(processes.LaunchError, match="horovod.run failed") as err:
+        horovodrun.run_function(_fail_on_rank_1, args=(how,), np=2, timeout=120)
     assert time.monotonic() - start < 60
     assert expected in str(err.value)
 
 
 @pytest.mark.slow
 def test_horovod_run_returns_every_rank_result_within_its_timeout():
-    assert launch.run_function(_fail_on_rank_1, args=("never",), np=1, timeout=60) == ["ok"]
+    assert horovodrun.run_function(_fail_on_rank_1, args=("never",), np=1, timeout=60) == ["ok"]
 
 
 @pytest.mark.slow
 def test_ipyparallel_rank_0_raising_is_named_and_the_other_rank_stopped():
     start = time.monotonic()
-    with launch.HorovodCluster(n=2) as cluster:
+    with engines.HorovodCluster(n=2) as cluster:
         assert cluster.server.address[0] == "127.0.0.1"  # local engines: loopback only
-        with pytest.raises(launch.LaunchError) as err:
+        with pytest.raises(processes.LaunchError) as err:
             cluster.run(_raise_on_rank_0, timeout=120)
     assert time.monotonic() - start < 90
     message = str(err.value)
@@ -142,8 +142,8 @@ def test_ipyparallel_rank_0_raising_is_named_and_the_other_rank_stopped():
 @pytest.mark.slow
 def test_ipyparallel_timeout_names_the_stuck_rank_with_its_stack():
     start = time.monotonic()
-    with launch.HorovodCluster(n=2) as cluster:
-        with pytest.raises(launch.LaunchError) as err:
+    with engines.HorovodCluster(n=2) as cluster:
+        with pytest.raises(processes.LaunchError) as err:
             cluster.run(_sleep_on_rank_1, timeout=10)
     assert time.monotonic() - start < 90
     message = str(err.value)

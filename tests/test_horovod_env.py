@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from chexlib import train as T
+from chexlib.train import process
 
 
 def test_non_numeric_horovod_tuning_variables_are_dropped(monkeypatch):
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "(None,)")
     monkeypatch.setenv("HOROVOD_CACHE_CAPACITY", "1024")
-    T._drop_bad_horovod_env()
+    process._drop_bad_horovod_env()
     assert "HOROVOD_CYCLE_TIME" not in os.environ
     assert os.environ["HOROVOD_CACHE_CAPACITY"] == "1024"
 

@@ -1,4 +1,4 @@
-"""Decoding and resizing (chexlib.imageops, chexlib.spng) on real-size images."""
+"""Decoding and resizing (chexlib.pipeline.decode, chexlib.pipeline.spng) on real-size images."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from chexlib import imageops, spng
-from chexlib.synth_image import encode_png, render_image
+from chexlib.pipeline import decode as pipeline_decode
+from chexlib.pipeline import spng
+from chexlib.synth.image import encode_png, render_image
 
 needs_spng = pytest.mark.skipif(not spng.available(), reason=spng.unavailable_reason() or "")
 
@@ -39,7 +40,7 @@ def test_fast_antialias_matches_the_reference_within_three_levels(radiographs, s
     # on generated radiographs: max 2-3, mean 0.10-0.13; plain bilinear: max 5-7,
     # mean 0.35-0.46)
     for encoded in radiographs:
-        fast = imageops.resize_gray(imageops.decode_png_gray(encoded), size).numpy()
+        fast = pipeline_decode.resize_gray(pipeline_decode.decode_png_gray(encoded), size).numpy()
         diff = np.abs(fast.astype(int) - _reference(encoded, size).astype(int))
         assert fast.shape == (size, size, 1) and fast.dtype == np.uint8
         assert diff.max() <= 3, (size, diff.max())
@@ -57,11 +58,13 @@ def test_without_antialiasing_the_same_check_fails(radiographs):
 @needs_spng
 def test_both_decoders_give_identical_pixels(radiographs):
     for encoded in radiographs:
-        ours = imageops.decode_png_gray(encoded, "libspng").numpy()
-        theirs = imageops.decode_png_gray(encoded, "tensorflow").numpy()
+        ours = pipeline_decode.decode_png_gray(encoded, "libspng").numpy()
+        theirs = pipeline_decode.decode_png_gray(encoded, "tensorflow").numpy()
         assert ours.dtype == np.uint8 and ours.shape == theirs.shape == (1024, 1024, 1)
         np.testing.assert_array_equal(ours, theirs)
-        reduced = [imageops.decode_png_reduced(encoded, 224, d).numpy() for d in DECODERS_USED]
+        reduced = [
+            pipeline_decode.decode_png_reduced(encoded, 224, d).numpy() for d in DECODERS_USED
+        ]
         np.testing.assert_array_equal(reduced[0], reduced[1])
 
 
@@ -88,7 +91,7 @@ def test_libspng_leaves_other_layouts_to_tensorflow(layout):
         data = _png(np.asarray(rgb.convert("P", palette=Image.Palette.ADAPTIVE)), "P")
     else:
         data = _png(rng.integers(0, 256, (40, 30), dtype=np.uint8), "L", interlace=1)
-    ours = imageops.decode_png_gray(data, "libspng").numpy()
+    ours = pipeline_decode.decode_png_gray(data, "libspng").numpy()
     np.testing.assert_array_equal(ours, tf.io.decode_png(data, channels=1).numpy())
 
 
@@ -96,7 +99,7 @@ def test_libspng_leaves_other_layouts_to_tensorflow(layout):
 def test_a_corrupt_png_is_an_error_from_either_decoder(radiographs):
     broken = radiographs[0][: len(radiographs[0]) // 2]
     for decoder in DECODERS_USED:  # inside tf.data both surface as InvalidArgumentError
-        decode = tf.function(lambda e, d=decoder: imageops.decode_png_gray(e, d))
+        decode = tf.function(lambda e, d=decoder: pipeline_decode.decode_png_gray(e, d))
         with pytest.raises(tf.errors.InvalidArgumentError):
             decode(tf.constant(broken)).numpy()
     with pytest.raises(ValueError, match="libspng"):
@@ -138,25 +141,25 @@ def test_libspng_decodes_without_holding_the_gil():
     ],
 )
 def test_box_factor_is_the_largest_whole_divisor_keeping_the_size(height, width, size, factor):
-    assert imageops.box_factor(height, width, size) == factor
+    assert pipeline_decode.box_factor(height, width, size) == factor
     gray = np.random.default_rng(2).integers(0, 256, (height, width), dtype=np.uint8)
-    out = imageops.box_reduce_numpy(gray, size)
+    out = pipeline_decode.box_reduce_numpy(gray, size)
     f = factor
     expected = gray.reshape(height // f, f, width // f, f).astype(np.float64).mean((1, 3))
     np.testing.assert_allclose(out, expected, atol=1e-4)
-    in_graph = imageops.box_reduce(tf.constant(gray[..., None]), size).numpy()[..., 0]
+    in_graph = pipeline_decode.box_reduce(tf.constant(gray[..., None]), size).numpy()[..., 0]
     np.testing.assert_allclose(in_graph, expected, atol=1e-3)
 
 
 def test_an_image_at_the_model_size_passes_through_untouched():
     gray = tf.constant(np.random.default_rng(3).integers(0, 256, (224, 224, 1), dtype=np.uint8))
-    assert np.array_equal(imageops.resize_gray(gray, 224).numpy(), gray.numpy())
+    assert np.array_equal(pipeline_decode.resize_gray(gray, 224).numpy(), gray.numpy())
 
 
 def test_unknown_or_unavailable_decoders_are_named():
     with pytest.raises(ValueError, match="png decoder must be one of"):
-        imageops.resolve_decoder("pillow")
-    assert imageops.resolve_decoder("auto") in ("libspng", "tensorflow")
+        pipeline_decode.resolve_decoder("pillow")
+    assert pipeline_decode.resolve_decoder("auto") in ("libspng", "tensorflow")
 
 
 EXIT_WHILE_BUSY = """
@@ -197,4 +200,4 @@ def test_a_process_exits_while_its_libspng_pipeline_is_busy(radiographs, tmp_pat
 
 
 def test_drain_returns_at_once_when_nothing_runs():
-    assert imageops.drain_python_calls(quiet_sec=0.0, limit_sec=1.0)
+    assert pipeline_decode.drain_python_calls(quiet_sec=0.0, limit_sec=1.0)

@@ -1,4 +1,4 @@
-"""chexlib.launch: real multi-rank Horovod (Gloo) jobs, a dying rank, ipyparallel, notebook 04.
+"""chexlib.launch.launcher: real multi-rank Horovod (Gloo) jobs, a dying rank, ipyparallel, notebook 04.
 
 Every job here runs 2 real ranks on this machine's cores: horovodrun processes,
 horovod.run from a papermill kernel, or ipyparallel engines.
@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from chexlib import launch
-from chexlib.train import FAULT_ENV, FAULT_EXIT_CODE, TrainConfig
+from chexlib.launch import engines, horovodrun, launcher, processes
+from chexlib.train.config import TrainConfig
+from chexlib.train.recipe import FAULT_ENV, FAULT_EXIT_CODE
 
 
 def tiny_config(out, **changes) -> TrainConfig:
@@ -31,21 +32,23 @@ def tiny_config(out, **changes) -> TrainConfig:
 
 
 def test_launch_config_validates():
-    assert launch.LaunchConfig(mode="horovodrun", ranks=4, hosts="a:2,b:2").to_dict()["ranks"] == 4
+    assert (
+        launcher.LaunchConfig(mode="horovodrun", ranks=4, hosts="a:2,b:2").to_dict()["ranks"] == 4
+    )
     with pytest.raises(ValueError, match="mode must be one of"):
-        launch.LaunchConfig(mode="slurm")
+        launcher.LaunchConfig(mode="slurm")
     with pytest.raises(ValueError, match="offer 2 slots for 3 ranks"):
-        launch.LaunchConfig(ranks=3, hosts="a:1,b:1")
+        launcher.LaunchConfig(ranks=3, hosts="a:1,b:1")
 
 
 def test_commands():
     config = tiny_config("/runs/x", data="/data", pipeline="naive")
-    cmd = launch.horovodrun_command(config, np=4, hosts="n1:2,n2:2")
+    cmd = horovodrun.horovodrun_command(config, np=4, hosts="n1:2,n2:2")
     assert cmd[0].endswith("horovodrun") and cmd[1:6] == ["-np", "4", "-H", "n1:2,n2:2", "--gloo"]
     assert cmd[6].endswith("chexlib") and cmd[7] == "train"
     assert cmd[cmd.index("--pipeline") + 1] == "naive" and cmd[cmd.index("--out") + 1] == "/runs/x"
-    assert launch.horovodrun_command(config, np=2)[4] == "localhost:2"
-    mpi = launch.mpirun_command(config, np=8, hosts="n1:4,n2:4")
+    assert horovodrun.horovodrun_command(config, np=2)[4] == "localhost:2"
+    mpi = horovodrun.mpirun_command(config, np=8, hosts="n1:4,n2:4")
     assert mpi[:5] == ["mpirun", "-np", "8", "-H", "n1:4,n2:4"] and "train" in mpi
 
 
@@ -53,7 +56,7 @@ def test_slot_env_matches_horovodrun_variables():
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
 
     plan = get_host_assignments(parse_hosts("a:2,b:2"), 4)
-    env = launch.slot_env(plan[3], "10.0.0.1", 1234, "eth0")
+    env = engines.slot_env(plan[3], "10.0.0.1", 1234, "eth0")
     assert env["HOROVOD_RANK"] == "3" and env["HOROVOD_SIZE"] == "4"
     assert (env["HOROVOD_LOCAL_RANK"], env["HOROVOD_LOCAL_SIZE"]) == ("1", "2")
     assert (env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == ("1", "2")
@@ -68,7 +71,7 @@ def test_slot_env_matches_horovodrun_variables():
 @pytest.fixture(scope="module")
 def records_dir(synth_dir, tmp_path_factory):
     """Compact records: the val split has fewer shard files than ranks (record-level sharding)."""
-    from chexlib.records import convert
+    from chexlib.records.convert import convert
 
     out = tmp_path_factory.mktemp("records") / "compact"
     convert(
@@ -80,10 +83,10 @@ def records_dir(synth_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_two_ranks_end_with_identical_weights(records_dir, tmp_path):
     """Real horovodrun, 2 Gloo ranks: same weights on both, every val/test image counted once."""
-    from chexlib.records import read_manifest
+    from chexlib.records.read import read_manifest
 
     config = tiny_config(tmp_path / "run", source="records", records=str(records_dir))
-    record = launch.run_horovodrun(config, np=2, timeout=400)
+    record = horovodrun.run_horovodrun(config, np=2, timeout=400)
     assert record.ranks == 2 and record.global_batch_size == 16
     digests = record.weights_sha256_per_rank
     assert len(digests) == 2 and digests[0] == digests[1] and record.weights_in_sync
@@ -99,8 +102,10 @@ def test_two_ranks_end_with_identical_weights(records_dir, tmp_path):
 def test_a_dying_rank_fails_the_job_without_hanging(synth_dir, tmp_path):
     config = tiny_config(tmp_path / "run", data=str(synth_dir), epochs=3)
     start = time.monotonic()
-    with pytest.raises(launch.LaunchError) as err:
-        launch.run_horovodrun(config, np=2, timeout=300, env={FAULT_ENV: "rank=1,epoch=1,step=2"})
+    with pytest.raises(processes.LaunchError) as err:
+        horovodrun.run_horovodrun(
+            config, np=2, timeout=300, env={FAULT_ENV: "rank=1,epoch=1,step=2"}
+        )
     assert time.monotonic() - start < 300
     message = str(err.value)
     assert "exit status" in message and "exit status 0" not in message
@@ -112,14 +117,14 @@ def test_a_dying_rank_fails_the_job_without_hanging(synth_dir, tmp_path):
 def test_ipyparallel_engines_form_one_horovod_job(synth_dir, tmp_path):
     config = tiny_config(tmp_path / "run", data=str(synth_dir), verbose=0)
     start = time.monotonic()
-    with launch.HorovodCluster(n=2) as cluster:
+    with engines.HorovodCluster(n=2) as cluster:
         ranks = cluster.check()
         # an engine that dies mid-training: the other one errors out instead of hanging
         engine = next(e for e, r in cluster.ranks.items() if r == 1)
         cluster.client[engine].apply_sync(
-            launch.set_engine_env, {FAULT_ENV: "rank=1,epoch=0,step=2"}
+            engines.set_engine_env, {FAULT_ENV: "rank=1,epoch=0,step=2"}
         )
-        with pytest.raises(launch.LaunchError, match="a rank raised or died"):
+        with pytest.raises(processes.LaunchError, match="a rank raised or died"):
             cluster.train(config)
     assert time.monotonic() - start < 300
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -129,7 +134,7 @@ def test_ipyparallel_engines_form_one_horovod_job(synth_dir, tmp_path):
 
 @pytest.mark.slow
 def test_notebook_04_trains_two_ranks_under_papermill(synth_dir, tmp_path):
-    from chexlib.notebook import run_notebook
+    from chexlib.study.notebook import run_notebook
 
     out = tmp_path / "nb04"
     params = {

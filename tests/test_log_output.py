@@ -19,8 +19,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from chexlib import launch, ranklog
-from chexlib.study import SpecError, load_spec
+from chexlib.launch import engines, horovodrun, launcher, rank_log
+from chexlib.study import notebook
+from chexlib.study.runner import SpecError, load_spec
 
 # The ranks cannot import this test module: its functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -55,7 +56,7 @@ def _talk_then_sleep(seconds: float) -> int:
 
 def test_rank_log_shortens_prefixes_and_keeps_partial_lines_apart(tmp_path):
     out = Stamped()
-    with ranklog.RankLog(tmp_path / "ranks.log", stream=out, header="unit") as log:
+    with rank_log.RankLog(tmp_path / "ranks.log", stream=out, header="unit") as log:
         log.write("[1]<stdout>:hal")
         other = threading.Thread(target=log.write, args=("[0]<stderr>:whole line\n",))
         other.start()
@@ -73,12 +74,15 @@ def test_rank_log_shortens_prefixes_and_keeps_partial_lines_apart(tmp_path):
     assert saved[1:] == ["[0] whole line", "[1] half a line", "[12] stamped", "tail without end"]
 
 
-def test_log_output_defaults_to_the_environment_and_the_spec_is_checked(tmp_path, monkeypatch):
-    monkeypatch.delenv(launch.LOG_OUTPUT_ENV, raising=False)
-    assert launch.LaunchConfig().log_output is False
-    monkeypatch.setenv(launch.LOG_OUTPUT_ENV, "1")
-    assert launch.LaunchConfig().log_output is True
-    assert launch.LaunchConfig(log_output=False).to_dict()["log_output"] is False
+def test_log_output_is_a_notebook_parameter_and_the_spec_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHEXLIB_LOG_OUTPUT", "1")  # the old variable: no longer read
+    assert launcher.LaunchConfig().log_output is False
+    assert launcher.LaunchConfig(log_output=True).to_dict()["log_output"] is True
+    for name in ("04_distributed_training", "04b_interactive_horovod"):
+        assert notebook.LOG_OUTPUT in notebook.declared_parameters(notebook.notebook_path(name))
+    assert notebook.LOG_OUTPUT not in notebook.declared_parameters(
+        notebook.notebook_path("01_data_prep")
+    )
     spec = tmp_path / "s.yaml"
     spec.write_text("log_output: yes please\nstages: [{name: a, notebook: n}]\n")
     with pytest.raises(SpecError, match="log_output must be true or false, not str"):
@@ -90,8 +94,8 @@ def test_log_output_defaults_to_the_environment_and_the_spec_is_checked(tmp_path
 @pytest.mark.slow
 def test_horovod_run_ranks_lines_reach_stdout_as_they_come(tmp_path):
     out = Stamped()
-    with ranklog.RankLog(tmp_path / "ranks.log", stream=out) as log:
-        results = launch.run_function(_talk_then_sleep, args=(3.0,), np=2, timeout=120, log=log)
+    with rank_log.RankLog(tmp_path / "ranks.log", stream=out) as log:
+        results = horovodrun.run_function(_talk_then_sleep, args=(3.0,), np=2, timeout=120, log=log)
         returned = time.monotonic()
     assert results == [0, 1]
     for rank in (0, 1):
@@ -119,8 +123,8 @@ print(f"engine rank {rank} done", file=sys.stderr)
 def test_ipyparallel_engines_lines_reach_stdout_as_they_come(tmp_path):
     out = Stamped()
     with (
-        launch.HorovodCluster(n=2) as cluster,
-        ranklog.RankLog(tmp_path / "r.log", stream=out) as log,
+        engines.HorovodCluster(n=2) as cluster,
+        rank_log.RankLog(tmp_path / "r.log", stream=out) as log,
     ):
         assert cluster.run(exec, ENGINE_TALK, timeout=120, log=log) == {0: None, 1: None}
         returned = time.monotonic()
@@ -160,7 +164,7 @@ def test_study_log_output_streams_cells_and_horovodrun_ranks(synth_dir, tmp_path
     wrote = next(t for t, line in lines if line.startswith("wrote ") and "params.json" in line)
     assert wrote > ranks[-1][0]
     (run_dir,) = (out / "watch" / "train").iterdir()
-    saved = (run_dir / "run" / launch.RANK_LOG).read_text().splitlines()
+    saved = (run_dir / "run" / launcher.RANK_LOG).read_text().splitlines()
     assert saved[0].startswith("# ") and "horovodrun, 2 rank(s)" in saved[0]
     assert [line for _, line in ranks] == [line for line in saved if line.startswith("[0] ")]
     assert json.loads((run_dir / "params.json").read_text())["launch"]["log_output"] is True

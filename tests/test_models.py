@@ -1,4 +1,4 @@
-"""chexlib.models: the CheXNet head, weights from local files only, matching preprocessing."""
+"""chexlib.train.models: the CheXNet head, weights from local files only, matching preprocessing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from chexlib import models, pipeline
-from chexlib.data import LABELS
+from chexlib.data.metadata import LABELS
+from chexlib.pipeline import builders
+from chexlib.train import models
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_tiny_has_no_imagenet_weights():
 def test_pipeline_normalisation_matches_keras_preprocess_input(name):
     """The pipeline normalises a grey image exactly as the backbone's ImageNet weights expect."""
     gray = np.random.default_rng(3).integers(0, 256, (16, 16, 1), dtype=np.uint8)
-    ours = pipeline.normalize_gray(
+    ours = builders.normalize_gray(
         tf.constant(gray), models.PIPELINE_MODEL[name], training=False
     ).numpy()
     rgb = np.repeat(gray, 3, axis=-1).astype("float32")

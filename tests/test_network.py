@@ -19,7 +19,7 @@ import cloudpickle
 import psutil
 import pytest
 
-from chexlib import launch, launch_horovod
+from chexlib.launch import engines, horovodrun
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # horovod.run ranks get code
 
@@ -55,8 +55,8 @@ def _plan(n: int = 2):
 
 def test_rendezvous_server_of_a_local_cluster_is_loopback_only():
     outside = outside_address()
-    exposed = launch.RendezvousService(_plan(), host="")  # the control: every interface
-    local = launch.RendezvousService(_plan())  # what HorovodCluster uses for local engines
+    exposed = engines.RendezvousService(_plan(), host="")  # the control: every interface
+    local = engines.RendezvousService(_plan())  # what HorovodCluster uses for local engines
     try:
         assert reachable(outside, exposed.address[1])
         assert local.address[0] == "127.0.0.1" and reachable("127.0.0.1", local.address[1])
@@ -91,12 +91,12 @@ def _probe_servers(outside: str) -> dict:
 @pytest.mark.slow
 def test_horovod_run_servers_listen_on_loopback_only():
     outside = outside_address()
-    (result,) = launch.run_function(_probe_servers, args=(outside,), np=1, timeout=120)
+    (result,) = horovodrun.run_function(_probe_servers, args=(outside,), np=1, timeout=120)
     assert result == {"rendezvous": (True, False), "function": (True, False)}
 
 
 def test_horovod_run_with_other_hosts_warns_that_its_servers_are_exposed(capsys):
-    with launch_horovod._horovod_servers_on_loopback("192.0.2.1:2"):  # TEST-NET: never this machine
+    with horovodrun._horovod_servers_on_loopback("192.0.2.1:2"):  # TEST-NET: never this machine
         pass
     err = capsys.readouterr().err
     assert err.startswith(
@@ -109,7 +109,7 @@ def test_horovod_run_with_other_hosts_warns_that_its_servers_are_exposed(capsys)
 def test_data_service_warns_that_it_listens_on_every_interface():
     """TensorFlow 2.15 binds tf.data service servers to 0.0.0.0 with no option to restrict
     them: ``chexlib data-service local`` must say so, naming the ports."""
-    from chexlib.dataservice import _read_line
+    from chexlib.pipeline.dataservice import _read_line
 
     chexlib = Path(sys.executable).parent / "chexlib"
     proc = subprocess.Popen(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chexlib.notebook import run_notebook
+from chexlib.study.notebook import run_notebook
 
 
 @pytest.mark.slow

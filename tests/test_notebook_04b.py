@@ -18,8 +18,8 @@ import papermill as pm
 import psutil
 import pytest
 
-from chexlib.notebook import run_notebook
-from chexlib.train import FAULT_ENV
+from chexlib.study.notebook import run_notebook
+from chexlib.train.recipe import FAULT_ENV
 
 MARKER = "CHEXLIB_TEST_04B"
 
@@ -67,8 +67,8 @@ def marker(monkeypatch):
 def test_rank_table_one_row_per_rank():
     from test_run_record import train_metrics
 
-    from chexlib.interactive import rank_table
-    from chexlib.run_record import RunRecord
+    from chexlib.core.run_record import RunRecord
+    from chexlib.launch.interactive import rank_table
 
     shared = {
         **train_metrics(),

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from chexlib import train as T
-from chexlib.data import LABELS
+from chexlib.data.metadata import LABELS
+from chexlib.train import config as train_config
+from chexlib.train import process, recipe
 
 CHEXLIB = str(Path(sys.executable).parent / "chexlib")
 
 
-def tiny_config(data_dir, out, **changes) -> T.TrainConfig:
+def tiny_config(data_dir, out, **changes) -> train_config.TrainConfig:
     base = dict(
         data=str(data_dir), out=str(out), model="tiny", image_size=32, batch_size=8, epochs=2,
         warmup_epochs=0, verbose=0, throughput_warmup_steps=2, throughput_window_steps=2,
     )  # fmt: skip
-    return T.TrainConfig(**{**base, **changes})
+    return train_config.TrainConfig(**{**base, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,10 @@ def tensorboard_run(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tb")
     config = tiny_config(synth_dir, root / "run", tensorboard=str(root / "tb"), profile_steps="3,5")
     proc = subprocess.run(
-        [CHEXLIB, "train", *T.config_to_argv(config)], capture_output=True, text=True, timeout=300
+        [CHEXLIB, "train", *train_config.config_to_argv(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "tb"
@@ -43,11 +47,14 @@ def tensorboard_run(synth_dir, tmp_path_factory):
 
 def test_profile_steps_are_checked():
     with pytest.raises(ValueError, match="pass --tensorboard DIR"):
-        T.TrainConfig(data="d", profile_steps="3,5")
+        train_config.TrainConfig(data="d", profile_steps="3,5")
     for bad in ("3", "5,3", "0,2", "a,b"):
         with pytest.raises(ValueError, match="profile_steps"):
-            T.TrainConfig(data="d", tensorboard="tb", profile_steps=bad)
-    assert T.parse_profile_steps("3,5") == (3, 5) and T.parse_profile_steps("") is None
+            train_config.TrainConfig(data="d", tensorboard="tb", profile_steps=bad)
+    assert (
+        train_config.parse_profile_steps("3,5") == (3, 5)
+        and train_config.parse_profile_steps("") is None
+    )
 
 
 @pytest.mark.slow
@@ -85,7 +92,7 @@ def test_profile_trace_is_written_for_the_profile_tab(tensorboard_run):
 @pytest.mark.slow
 def test_two_rank_timeline_is_a_chrome_trace(synth_dir, tmp_path):
     """horovodrun --gloo -np 2 with --horovod-timeline: rank 0 writes a JSON trace."""
-    from chexlib.launch import horovodrun_command
+    from chexlib.launch.horovodrun import horovodrun_command
 
     timeline = tmp_path / "timeline.json"
     config = tiny_config(
@@ -96,7 +103,7 @@ def test_two_rank_timeline_is_a_chrome_trace(synth_dir, tmp_path):
         horovodrun_command(config, np=2), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    events = T.read_timeline(timeline)  # tolerates the missing "]", as Chrome does
+    events = process.read_timeline(timeline)  # tolerates the missing "]", as Chrome does
     assert isinstance(events, list) and events
     names = {str(e.get("name", "")) for e in events} | {str(e.get("args", "")) for e in events}
     assert any("allreduce" in n.lower() for n in names), sorted(names)[:20]
@@ -106,16 +113,16 @@ def test_two_rank_timeline_is_a_chrome_trace(synth_dir, tmp_path):
 def test_read_timeline_accepts_a_trace_without_its_closing_bracket(tmp_path):
     path = tmp_path / "t.json"
     path.write_text('[\n{"name": "a", "ph": "B", "ts": 1, "pid": 0},\n{"name": "a", "ph": "E"},\n')
-    assert [e["ph"] for e in T.read_timeline(path)] == ["B", "E"]
+    assert [e["ph"] for e in process.read_timeline(path)] == ["B", "E"]
     path.write_text('[{"name": "a", "ph": "X"}]\n')
-    assert T.read_timeline(path) == [{"name": "a", "ph": "X"}]
+    assert process.read_timeline(path) == [{"name": "a", "ph": "X"}]
 
 
 @pytest.mark.slow
 def test_notebook_04_rerun_resumes_an_interrupted_run(synth_dir, tmp_path):
     """The study's rerun: the first execution dies in epoch 2, the second, with the same
     parameters (no RESUME passed), continues after epoch 1 instead of failing."""
-    from chexlib.notebook import run_notebook
+    from chexlib.study.notebook import run_notebook
 
     out = tmp_path / "nb04"
     params = {
@@ -124,12 +131,12 @@ def test_notebook_04_rerun_resumes_an_interrupted_run(synth_dir, tmp_path):
         "TIMING_WARMUP_STEPS": 1, "TIMING_WINDOW_STEPS": 2, "SYNTHETIC_STEPS": 0,
         "OUTPUT_DIR": str(out),
     }  # fmt: skip
-    os.environ[T.FAULT_ENV] = "rank=0,epoch=1,step=2"  # the kernel, then the ranks, inherit it
+    os.environ[recipe.FAULT_ENV] = "rank=0,epoch=1,step=2"  # the kernel, then the ranks, inherit it
     try:
         with pytest.raises(Exception, match="exit status"):
             run_notebook("04_distributed_training", out / "first.ipynb", params)
     finally:
-        del os.environ[T.FAULT_ENV]
+        del os.environ[recipe.FAULT_ENV]
     assert json.loads((out / "run" / "checkpoints" / "latest.json").read_text())["epochs_done"] == 1
     run_notebook("04_distributed_training", out / "second.ipynb", params)
     metrics = json.loads((out / "run" / "metrics.json").read_text())

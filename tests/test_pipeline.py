@@ -1,4 +1,4 @@
-"""chexlib.pipeline: one preprocessing path, naive == optimized, sharding, shuffling, service."""
+"""chexlib.pipeline.builders: one preprocessing path, naive == optimized, sharding, shuffling, service."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from chexlib import pipeline as P
-from chexlib.data import LABELS
-from chexlib.images import read_grayscale
+from chexlib.data.metadata import LABELS
+from chexlib.data.png import read_grayscale
+from chexlib.pipeline import builders, config, decode
+from chexlib.pipeline import sources as pipeline_sources
 
 SIZE = 48  # model input side: small keeps the tests fast
 BATCH = 8
@@ -20,19 +21,19 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def png_records(synth_dir, tmp_path_factory):
-    from chexlib import records
+    from chexlib.records import convert
 
     out = tmp_path_factory.mktemp("records") / "png"
-    records.convert(synth_dir, out, variant="png", images_per_shard=16, workers=2, progress=False)
+    convert.convert(synth_dir, out, variant="png", images_per_shard=16, workers=2, progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def compact_records(synth_dir, tmp_path_factory):
-    from chexlib import records
+    from chexlib.records import convert
 
     out = tmp_path_factory.mktemp("records") / "compact"
-    records.convert(
+    convert.convert(
         synth_dir, out, variant="compact", size=64, images_per_shard=16, workers=2, progress=False
     )
     return out
@@ -50,7 +51,7 @@ def sources(synth_metadata, png_records, compact_records):
 
 def build(spec, split="train", **kw):
     kw = {"batch_size": BATCH, "image_size": SIZE, **kw}
-    return P.build_dataset(
+    return builders.build_dataset(
         spec["source"],
         split,
         metadata=spec.get("metadata"),
@@ -83,27 +84,30 @@ def split_names(md, split):
 )
 def test_normalisation_matches_keras_applications(model, keras_module):
     gray = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 1), dtype=np.uint8)
-    ours = P.normalize_gray(tf.constant(gray), model, training=False).numpy()
+    ours = builders.normalize_gray(tf.constant(gray), model, training=False).numpy()
     preprocess = getattr(tf.keras.applications, keras_module).preprocess_input
     theirs = preprocess(np.repeat(gray, 3, axis=-1).astype(np.float32))
     assert ours.shape == (SIZE, SIZE, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
-    assert P.normalization_for(model) == {"densenet": "torch", "resnet50": "caffe"}[keras_module]
+    assert (
+        builders.normalization_for(model)
+        == {"densenet": "torch", "resnet50": "caffe"}[keras_module]
+    )
 
 
 def test_normalised_once_not_twice():
     """White is far from 0 after normalisation (dividing by 255 twice would squash it)."""
     white = tf.fill([SIZE, SIZE, 1], tf.constant(255, tf.uint8))
-    assert float(tf.reduce_min(P.normalize_gray(white, "densenet121", False))) > 2.0
-    assert float(tf.reduce_min(P.normalize_gray(white, "resnet50", False))) > 100.0
+    assert float(tf.reduce_min(builders.normalize_gray(white, "densenet121", False))) > 2.0
+    assert float(tf.reduce_min(builders.normalize_gray(white, "resnet50", False))) > 100.0
 
 
 def test_an_image_already_at_the_model_size_passes_through_unchanged():
     gray = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 1), dtype=np.uint8)
     # static shape: decided while tracing; dynamic shape (decoded raw records): tf.cond
-    np.testing.assert_array_equal(P.resize_gray(tf.constant(gray), SIZE).numpy(), gray)
+    np.testing.assert_array_equal(decode.resize_gray(tf.constant(gray), SIZE).numpy(), gray)
     dynamic = tf.function(
-        lambda g: P.resize_gray(g, SIZE),
+        lambda g: decode.resize_gray(g, SIZE),
         input_signature=[tf.TensorSpec([None, None, 1], tf.uint8)],
     )
     np.testing.assert_array_equal(dynamic(tf.constant(gray)).numpy(), gray)
@@ -113,10 +117,12 @@ def test_an_image_already_at_the_model_size_passes_through_unchanged():
 
 def test_normalising_a_batch_equals_normalising_each_image():
     batch = np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 1), dtype=np.uint8)
-    whole = P.normalize(tf.constant(batch), "resnet50").numpy()
+    whole = builders.normalize(tf.constant(batch), "resnet50").numpy()
     assert whole.shape == (3, SIZE, SIZE, 3) and whole.dtype == np.float32
     for i in range(3):
-        np.testing.assert_array_equal(whole[i], P.normalize(tf.constant(batch[i]), "resnet50"))
+        np.testing.assert_array_equal(
+            whole[i], builders.normalize(tf.constant(batch[i]), "resnet50")
+        )
 
 
 def test_the_per_batch_half_on_a_batch_equals_preprocess_image_on_each_image():
@@ -125,13 +131,16 @@ def test_the_per_batch_half_on_a_batch_equals_preprocess_image_on_each_image():
     grays = rng.integers(0, 256, (4, 2 * SIZE, 2 * SIZE, 1), dtype=np.uint8)
     seeds = [tf.constant([7, i], tf.int64) for i in range(4)]
     halves = [
-        P.parse_element(tf.constant(g), SIZE, True, s) for g, s in zip(grays, seeds, strict=True)
+        builders.parse_element(tf.constant(g), SIZE, True, s)
+        for g, s in zip(grays, seeds, strict=True)
     ]
     flips = tf.stack([flip for _, flip in halves])
     assert 0 < int(tf.reduce_sum(tf.cast(flips, tf.int32))) < 4  # some flipped, some not
-    batch = P.parse_batch(tf.stack([small for small, _ in halves]), flips, "densenet121", True)
+    batch = builders.parse_batch(
+        tf.stack([small for small, _ in halves]), flips, "densenet121", True
+    )
     for i in range(4):
-        one = P.preprocess_image(grays[i], SIZE, "densenet121", training=True, seed=seeds[i])
+        one = builders.preprocess_image(grays[i], SIZE, "densenet121", training=True, seed=seeds[i])
         np.testing.assert_array_equal(batch[i].numpy(), one.numpy())
 
 
@@ -154,10 +163,10 @@ def _layouts(rng) -> dict[str, bytes]:
 
 
 def test_single_channel_decode_matches_pil_for_every_layout():
-    from chexlib.images import decode_grayscale
+    from chexlib.data.png import decode_grayscale
 
     for layout, data in _layouts(np.random.default_rng(1)).items():
-        ours = P.decode_png_gray(tf.constant(data)).numpy()
+        ours = decode.decode_png_gray(tf.constant(data)).numpy()
         pil = decode_grayscale(data)
         assert ours.shape == pil.shape + (1,), layout
         assert np.abs(ours[..., 0].astype(int) - pil).max() <= 1, layout
@@ -179,11 +188,15 @@ def test_raw_pipeline_reads_rgb_rgba_and_16_bit_files(tmp_path):
         )
     md = pd.DataFrame(rows)
     names, images, labels = collect(
-        P.build_dataset("raw", "val", metadata=md, batch_size=2, image_size=SIZE, return_names=True)
+        builders.build_dataset(
+            "raw", "val", metadata=md, batch_size=2, image_size=SIZE, return_names=True
+        )
     )
     assert names == md["image"].tolist()
     for row, image, label in zip(rows, images, labels, strict=True):
-        expected = P.preprocess_image(read_grayscale(row["path"]), SIZE, "densenet121").numpy()
+        expected = builders.preprocess_image(
+            read_grayscale(row["path"]), SIZE, "densenet121"
+        ).numpy()
         np.testing.assert_allclose(
             image, expected, atol=0.05, err_msg=row["layout"]
         )  # +-1 grey level
@@ -283,7 +296,7 @@ def test_sharding_gives_disjoint_covering_subsets(sources, synth_metadata, name,
     assert len(seen) == len(set(seen))  # disjoint
     assert sorted(seen) == sorted(split_names(synth_metadata, split))  # covering
     for i, part in enumerate(parts):
-        assert P.count_examples(
+        assert pipeline_sources.count_examples(
             spec["source"],
             split,
             metadata=spec.get("metadata"),
@@ -308,7 +321,7 @@ def test_sharding_gives_disjoint_covering_subsets(sources, synth_metadata, name,
 
 
 def test_record_sharding_uses_files_when_there_are_enough(png_records):
-    files = P.record_files(png_records, "train")
+    files = pipeline_sources.record_files(png_records, "train")
     assert len(files) >= 3
     mine = collect(
         build(
@@ -323,7 +336,7 @@ def test_record_sharding_uses_files_when_there_are_enough(png_records):
     from_files = [
         e["image/filename"].numpy().decode()
         for f in files[1::3]
-        for e in tf.data.TFRecordDataset(f).map(P._parse_record)
+        for e in tf.data.TFRecordDataset(f).map(builders._parse_record)
     ]
     assert mine == from_files
 
@@ -343,12 +356,12 @@ def test_naive_switches_off_tensorflows_automatic_parallelism(sources):
 
 
 def test_every_ablation_step_is_a_switch(sources):
-    for step in P.steps_for("records"):
-        ds = build(sources["compact"], **P.without_steps(step))
+    for step in config.steps_for("records"):
+        ds = build(sources["compact"], **config.without_steps(step))
         assert ds.element_spec[0].shape == (BATCH, SIZE, SIZE, 3)
-    assert set(P.steps_for("raw")) < set(P.steps_for("records"))
+    assert set(config.steps_for("raw")) < set(config.steps_for("records"))
     with pytest.raises(ValueError, match="unknown step"):
-        P.without_steps("warp-drive")
+        config.without_steps("warp-drive")
 
 
 # --- cache, synthetic data, errors -----------------------------------------------------
@@ -370,7 +383,7 @@ def test_cache_gives_the_same_images(sources, tmp_path):
 
 
 def test_synthetic_dataset_is_one_repeated_batch():
-    ds = P.synthetic_dataset(4, SIZE, seed=3)
+    ds = builders.synthetic_dataset(4, SIZE, seed=3)
     a, b = [x for x, _ in ds.take(2)]
     assert a.shape == (4, SIZE, SIZE, 3) and a.dtype == tf.float32
     np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -382,15 +395,15 @@ def test_bad_arguments_have_clear_errors(sources, synth_metadata, tmp_path):
     with pytest.raises(ValueError, match="unknown split"):
         build(sources["raw"], "holdout")
     with pytest.raises(ValueError, match="unknown source"):
-        P.build_dataset("hdf5", "train", metadata=synth_metadata)
+        builders.build_dataset("hdf5", "train", metadata=synth_metadata)
     with pytest.raises(ValueError, match="shard_index"):
         build(sources["raw"], num_shards=2, shard_index=2)
     with pytest.raises(ValueError, match="needs records_dir"):
-        P.build_dataset("records", "train")
+        builders.build_dataset("records", "train")
     with pytest.raises(FileNotFoundError, match="manifest"):
-        P.build_dataset("records", "train", records_dir=tmp_path)
+        builders.build_dataset("records", "train", records_dir=tmp_path)
     with pytest.raises(ValueError, match="model"):
-        P.normalization_for("vgg16")
+        builders.normalization_for("vgg16")
 
 
 # --- the tf.data service ------------------------------------------------------------------
@@ -398,7 +411,7 @@ def test_bad_arguments_have_clear_errors(sources, synth_metadata, tmp_path):
 
 @pytest.mark.slow
 def test_reading_through_a_local_tf_data_service(sources, synth_metadata):
-    from chexlib.dataservice import start_local_service
+    from chexlib.pipeline.dataservice import start_local_service
 
     train = set(split_names(synth_metadata, "train"))
     with start_local_service(n_workers=2) as service:
@@ -427,7 +440,7 @@ def test_chexlib_data_service_command_serves_a_pipeline(sources):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "chexlib.cli", "data-service", "local", "--workers", "1"]
+    cmd = [sys.executable, "-m", "chexlib.cli.main", "data-service", "local", "--workers", "1"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
@@ -448,7 +461,7 @@ def test_cache_name_follows_labels_and_image_files(synth_dir, tmp_path):
     import os
     import shutil
 
-    from chexlib.data import load_metadata
+    from chexlib.data.metadata import load_metadata
 
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)  # images of our own to replace

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chexlib import pipeline
+from chexlib.pipeline import builders
 
 
 def _rewrites(ds) -> dict:
@@ -16,8 +16,8 @@ def _rewrites(ds) -> dict:
 
 def test_naive_switches_off_every_rewrite_that_overlaps_work(synth_metadata):
     common = dict(metadata=synth_metadata, batch_size=4, image_size=32, training=True)
-    naive = pipeline.build_dataset("raw", "train", pipeline="naive", **common)
-    optimized = pipeline.build_dataset("raw", "train", pipeline="optimized", **common)
+    naive = builders.build_dataset("raw", "train", pipeline="naive", **common)
+    optimized = builders.build_dataset("raw", "train", pipeline="optimized", **common)
     # a fused map+batch runs ahead of its consumer in its own thread: a hidden prefetch
     assert _rewrites(naive) == dict.fromkeys(_rewrites(naive), False)
     assert _rewrites(optimized) == dict.fromkeys(_rewrites(optimized), True)

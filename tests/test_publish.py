@@ -13,8 +13,9 @@ import textwrap
 import pandas as pd
 import pytest
 
-from chexlib import publish
-from chexlib.results import write_json, write_run_record
+from chexlib.core.files import write_json
+from chexlib.core.runs import write_run_record
+from chexlib.report import publish
 
 README = f"""# project
 
@@ -188,7 +189,7 @@ def test_readme_write_cut_off_halfway_leaves_it_intact(tmp_path, summary_dir):
     write_json(summary_dir / "metrics.json", {**metrics, "conclusions": "- long\n" * 5000})
     script = textwrap.dedent(
         f"""
-        from chexlib.publish import publish
+        from chexlib.report.publish import publish
         try:
             publish({str(summary_dir)!r}, {str(readme)!r}, {str(tmp_path / "docs")!r})
         except OSError as err:

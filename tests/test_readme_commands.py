@@ -4,8 +4,8 @@ README.md's fenced shell blocks are read as a shell would split them
 (continuation lines, comments, ``VAR=value`` prefixes, ``$B`` and
 ``"${ARGS[@]}"`` set earlier in the block, commands wrapped by
 ``horovodrun``); every ``chexlib SUBCMD ...`` (also ``.venv/bin/chexlib``,
-``python -m chexlib.cli``) found there must parse with the parser
-``chexlib.cli`` builds for that subcommand, each ``--flag`` spelled out in
+``python -m chexlib.cli.main``) found there must parse with the parser
+``chexlib.cli.main`` builds for that subcommand, each ``--flag`` spelled out in
 full (argparse would accept an abbreviation). Every ``make TARGET VAR=value``
 must name a Makefile target, each ``VAR`` must be read by the Makefile and its
 value must reach the recipe ``make -n`` prints; the chexlib commands in that
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from chexlib import cli
+from chexlib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -39,7 +39,7 @@ ARRAY = re.compile(r"^\s*([A-Za-z_]\w*)=\((.*)\)\s*$", re.S)
 OPERATORS = {"|", "||", "&&", ";", "&"}
 # A chexlib command named inside a shell comment ("# the whole study: ... .venv/bin/chexlib study
 # ..."): a path to the program, or the bare name before a subcommand (not prose: "chexlib kernel").
-SUBCOMMANDS = "|".join(map(re.escape, cli.COMMANDS))
+SUBCOMMANDS = "|".join(map(re.escape, main.COMMANDS))
 COMMENT_COMMAND = re.compile(rf"(?<![\w(/.-])(?:\S+/chexlib\s|chexlib\s+(?:{SUBCOMMANDS})\b)")
 
 
@@ -140,8 +140,10 @@ def commands_in_line(code: str, variables: dict[str, list[str]]) -> list[tuple[s
             if re.fullmatch(r"python[\d.]*", Path(tok).name) and rest[j + 1 : j + 2] == ["-m"]:
                 module = rest[j + 2] if len(rest) > j + 2 else ""
                 if module.split(".")[0] == "chexlib":
-                    # only chexlib.cli has a __main__ block that runs the CLI
-                    args = rest[j + 3 :] if module == "chexlib.cli" else [f"<python -m {module}>"]
+                    # only chexlib.cli.main has a __main__ block that runs the CLI
+                    args = (
+                        rest[j + 3 :] if module == "chexlib.cli.main" else [f"<python -m {module}>"]
+                    )
                     found.append(("chexlib", args))
                 break
     return found
@@ -170,8 +172,8 @@ def readme_commands(text: str) -> list[tuple[int, str, list[str]]]:
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
-    """The subparser of ``name`` as ``chexlib.cli.main`` builds it (its module's arguments added)."""
-    parser = cli.build_parser(name)
+    """The subparser of ``name`` as ``chexlib.cli.main.main`` builds it (its module's arguments added)."""
+    parser = main.build_parser(name)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
 
@@ -203,8 +205,8 @@ def check_chexlib(args: list[str]) -> list[str]:
     name = args[0]
     if name in ("-h", "--help"):
         return []
-    if name not in cli.COMMANDS:
-        return [f"unknown subcommand {name!r} (chexlib has {', '.join(cli.COMMANDS)})"]
+    if name not in main.COMMANDS:
+        return [f"unknown subcommand {name!r} (chexlib has {', '.join(main.COMMANDS)})"]
     known = subcommand_parser(name)._option_string_actions
     problems = [f"chexlib {name}: no flag {flag}" for flag in _flags(args[1:]) if flag not in known]
     if problems:
@@ -212,7 +214,7 @@ def check_chexlib(args: list[str]) -> list[str]:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            cli.build_parser(name).parse_args(args)
+            main.build_parser(name).parse_args(args)
     except SystemExit as exc:
         if exc.code:
             return [f"chexlib {name}: " + stderr.getvalue().strip().splitlines()[-1]]
@@ -221,7 +223,7 @@ def check_chexlib(args: list[str]) -> list[str]:
 
 def check_chexlib_flags(name: str, flags: list[str]) -> list[str]:
     """Flags written in prose (``--[no-]x`` meaning both): each must exist for ``name``."""
-    if name not in cli.COMMANDS:
+    if name not in main.COMMANDS:
         return [f"unknown subcommand {name!r}"]
     known = subcommand_parser(name)._option_string_actions
     return [f"chexlib {name}: no flag {f}" for f in flags if f not in known]
@@ -387,7 +389,7 @@ def test_shell_reading():
         '      --epochs 20 --out "outputs/slurm-$SLURM_JOB_ID")\n'
         '# the same: srun .venv/bin/chexlib "${ARGS[@]}"\n'
         "make study SPEC=a.yaml DATA=/d && X=1 make lab  # chexlib kernel (not a command)\n"
-        "python -m chexlib.cli validate d\n"
+        "python -m chexlib.cli.main validate d\n"
     )
     assert shell_commands(block) == [
         (2, "chexlib", ["bench-pipeline", "--pipeline", "naive", "--data", "d"]),

@@ -27,7 +27,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import dataset_options_pb2, graph_pb2
 
-from chexlib import pipeline as P
+from chexlib.pipeline import builders, config, sources
 
 CHEXLIB = str(Path(sys.executable).parent / "chexlib")
 SIZE = 32
@@ -36,10 +36,10 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def compact_records(synth_dir, tmp_path_factory):
-    from chexlib import records
+    from chexlib.records import convert
 
     out = tmp_path_factory.mktemp("records") / "compact"
-    records.convert(
+    convert.convert(
         synth_dir, out, variant="compact", size=48, images_per_shard=16, workers=2, progress=False
     )
     return out
@@ -82,7 +82,8 @@ def _ops_removed(on: collections.Counter, off: collections.Counter) -> dict[str,
 
 @pytest.mark.parametrize(
     "source,step",
-    [("records", s) for s in P.steps_for("records")] + [("raw", s) for s in P.steps_for("raw")],
+    [("records", s) for s in config.steps_for("records")]
+    + [("raw", s) for s in config.steps_for("raw")],
 )
 def test_each_ablation_switch_changes_the_built_graph(
     source, step, synth_metadata, compact_records
@@ -90,7 +91,7 @@ def test_each_ablation_switch_changes_the_built_graph(
     """Turning one step off removes exactly what that step adds to the graph."""
 
     def build(**switches):
-        return P.build_dataset(
+        return builders.build_dataset(
             source,
             "train",
             metadata=synth_metadata,
@@ -101,7 +102,7 @@ def test_each_ablation_switch_changes_the_built_graph(
         )
 
     on_ops, on_det, on_opts = graph_of(build())
-    off_ops, off_det, off_opts = graph_of(build(**P.without_steps(step)))
+    off_ops, off_det, off_opts = graph_of(build(**config.without_steps(step)))
     removed = _ops_removed(on_ops, off_ops)
     if step == "parallel-interleave":
         assert (
@@ -115,7 +116,7 @@ def test_each_ablation_switch_changes_the_built_graph(
         assert removed == {"PrefetchDataset": 1}, (on_ops, off_ops)
         # the prefetch that goes is the last op: the output of the pipeline
         assert _last_dataset_op(build()) == "PrefetchDataset"
-        assert _last_dataset_op(build(**P.without_steps(step))) != "PrefetchDataset"
+        assert _last_dataset_op(build(**config.without_steps(step))) != "PrefetchDataset"
         assert on_opts.optimization_options.inject_prefetch is True
         assert off_opts.optimization_options.inject_prefetch is False  # TF adds none back
     elif step == "parallel-map":
@@ -158,15 +159,15 @@ def _last_dataset_op(ds: tf.data.Dataset) -> str:
 
 
 def test_file_cache_serves_the_second_pass_after_the_images_are_gone(synth_dir, tmp_path):
-    from chexlib.data import load_metadata
+    from chexlib.data.metadata import load_metadata
 
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)  # a copy of our own to destroy
     md, cache = load_metadata(data), tmp_path / "cache"
     settings = dict(batch_size=BATCH, image_size=SIZE, cache=str(cache), return_names=True)
 
-    val = P.build_dataset("raw", "val", metadata=md, **settings)
-    train = iter(P.build_dataset("raw", "train", metadata=md, **settings))
+    val = builders.build_dataset("raw", "val", metadata=md, **settings)
+    train = iter(builders.build_dataset("raw", "train", metadata=md, **settings))
     first = collect(val)
     for _ in range(40):  # until the training cache is complete (its index is written)
         next(train)
@@ -177,12 +178,16 @@ def test_file_cache_serves_the_second_pass_after_the_images_are_gone(synth_dir, 
 
     shutil.rmtree(data / "images")  # every source image gone
     with pytest.raises(tf.errors.NotFoundError):  # without a cache nothing can be read now
-        next(iter(P.build_dataset("raw", "val", metadata=md, batch_size=BATCH, image_size=SIZE)))
+        next(
+            iter(
+                builders.build_dataset("raw", "val", metadata=md, batch_size=BATCH, image_size=SIZE)
+            )
+        )
 
     second = collect(val)  # the same dataset, a second pass: from the cache only
     assert second[0] == first[0]
     np.testing.assert_array_equal(second[1], first[1])
-    steps = -(-P.count_examples("raw", "train", metadata=md) // BATCH)
+    steps = -(-sources.count_examples("raw", "train", metadata=md) // BATCH)
     for _ in range(2 * steps):  # two more training epochs, all from the cache
         x, _, _ = next(train)
         assert x.shape == (BATCH, SIZE, SIZE, 3)
@@ -193,10 +198,10 @@ def test_file_cache_serves_the_second_pass_after_the_images_are_gone(synth_dir, 
 
 def _serve(role: str, args: list[str], cwd: Path, procs: list) -> str:
     """Start one tf.data service server (``chexlib data-service ROLE``) in ``cwd``."""
-    from chexlib.dataservice import READY, _read_line
+    from chexlib.pipeline.dataservice import READY, _read_line
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chexlib.cli", "data-service", role, *args],
+        [sys.executable, "-m", "chexlib.cli.main", "data-service", role, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -229,11 +234,13 @@ def test_tf_data_service_elements_come_from_its_worker(
     procs: list[subprocess.Popen] = []
     try:
         with pytest.raises(tf.errors.NotFoundError):  # not readable here
-            next(iter(P.build_dataset("raw", "train", metadata=md, **settings)))
+            next(iter(builders.build_dataset("raw", "train", metadata=md, **settings)))
         dispatcher = _serve("dispatcher", ["--port", "0"], tmp_path, procs)
         _serve("worker", ["--dispatcher", dispatcher.removeprefix("grpc://")], worker_dir, procs)
-        ds = P.build_dataset("raw", "train", metadata=md, data_service=dispatcher, **settings)
-        steps = P.count_examples("raw", "train", metadata=md) // BATCH
+        ds = builders.build_dataset(
+            "raw", "train", metadata=md, data_service=dispatcher, **settings
+        )
+        steps = sources.count_examples("raw", "train", metadata=md) // BATCH
         names, images = collect(ds, batches=steps)
     finally:
         for proc in procs:
@@ -243,7 +250,7 @@ def test_tf_data_service_elements_come_from_its_worker(
 
     # the images are the right ones: each is its evaluation image, up to the training flip
     expected_names, expected = collect(
-        P.build_dataset("raw", "train", metadata=synth_metadata, training=False, **settings)
+        builders.build_dataset("raw", "train", metadata=synth_metadata, training=False, **settings)
     )
     by_name = dict(zip(expected_names, expected, strict=True))
     assert len(names) == steps * BATCH and set(names) <= set(by_name)
@@ -273,11 +280,12 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(synth_di
     killed only if it is frozen inside the write (the folder still there, ``latest.json``
     still at epoch N-1); a freeze that came too late lets it go on to the next epoch.
     """
-    from chexlib import train as T
-    from chexlib.models import build_model
+    from chexlib.train import checkpoints
+    from chexlib.train import config as train_config
+    from chexlib.train.models import build_model
 
     out, epochs = tmp_path / "run", 4
-    config = T.TrainConfig(
+    config = train_config.TrainConfig(
         data=str(synth_dir),
         out=str(out),
         model="tiny",
@@ -289,9 +297,11 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(synth_di
         throughput_warmup_steps=2,
         throughput_window_steps=2,
     )
-    root = out / T.CHECKPOINTS
+    root = out / checkpoints.CHECKPOINTS
     log = open(tmp_path / "train.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([CHEXLIB, "train", *T.config_to_argv(config)], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [CHEXLIB, "train", *train_config.config_to_argv(config)], stdout=log, stderr=log
+    )
     killed_at, deadline, seen = None, time.monotonic() + 240, set()
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -323,7 +333,7 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(synth_di
     build_model("tiny", image_size=SIZE, weights=str(out))
 
     resumed = subprocess.run(
-        [CHEXLIB, "train", *T.config_to_argv(dataclasses.replace(config, resume=True))],
+        [CHEXLIB, "train", *train_config.config_to_argv(dataclasses.replace(config, resume=True))],
         capture_output=True,
         text=True,
         timeout=300,
@@ -377,7 +387,7 @@ def test_a_killed_study_resumes_skipping_the_finished_run(tmp_path):
     written), rerun: the first run is skipped untouched, the second runs again and completes."""
     import psutil
 
-    from chexlib.study import expand, load_spec
+    from chexlib.study.runner import expand, load_spec
 
     spec, outputs = tmp_path / "killed.yaml", tmp_path / "outputs"
     spec.write_text(SPEC)

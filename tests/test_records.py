@@ -1,4 +1,4 @@
-"""chexlib.records (and records_*): conversion round trips, resume after a kill, stale shards, skips, verification."""
+"""chexlib.records.read (and records_*): conversion round trips, resume after a kill, stale shards, skips, verification."""
 
 from __future__ import annotations
 
@@ -17,23 +17,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexlib import records, records_format, records_shards
-from chexlib.cli import main as cli_main
-from chexlib.data import LABELS, SPLITS, DataError
-from chexlib.images import read_grayscale
+from chexlib.cli.main import main as cli_main
+from chexlib.data.metadata import LABELS, SPLITS, DataError
+from chexlib.data.png import read_grayscale
+from chexlib.records import convert, read, schema, shards
 
 SHARD = 16  # records per shard in these tests; no split of the fixture is a multiple of it
 
 
 def _convert(data_dir, out, **kwargs):
     kwargs = {"images_per_shard": SHARD, "workers": 2, "progress": False, **kwargs}
-    return records.convert(data_dir, out, **kwargs)
+    return convert.convert(data_dir, out, **kwargs)
 
 
 def _read_all(records_dir, split):
     import tensorflow as tf
 
-    ds = tf.data.TFRecordDataset(records.list_shards(records_dir, split)).map(records.parse_example)
+    ds = tf.data.TFRecordDataset(read.list_shards(records_dir, split)).map(read.parse_example)
     return list(ds.as_numpy_iterator())
 
 
@@ -60,8 +60,8 @@ def compact_records(synth_dir, tmp_path_factory):
 
 
 def test_crc32c_matches_reference_for_every_length():
-    assert records_format.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert records_format.crc32c(b"") == 0
+    assert schema.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert schema.crc32c(b"") == 0
     rng = np.random.default_rng(0)
     for n in (1, 7, 1023, 1024, 1025, 4099, 65536, 100_003):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
@@ -71,17 +71,15 @@ def test_crc32c_matches_reference_for_every_length():
             for _ in range(8):
                 reg = (reg >> 1) ^ 0x82F63B78 if reg & 1 else reg >> 1
         expected = reg ^ 0xFFFFFFFF
-        assert records_format._crc32c_numpy(data) == expected, n
-        assert records_format.crc32c(data) == expected, n
+        assert schema._crc32c_numpy(data) == expected, n
+        assert schema.crc32c(data) == expected, n
 
 
 def test_hand_encoded_example_equals_tensorflow_example():
     import tensorflow as tf
 
     labels = [1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-    data = records_format.encode_example(
-        b"\x00\xffpixels", "raw", 2, 4, labels, "00000001_000.png", 30805
-    )
+    data = schema.encode_example(b"\x00\xffpixels", "raw", 2, 4, labels, "00000001_000.png", 30805)
     feature = tf.train.Feature
     expected = tf.train.Example(
         features=tf.train.Features(
@@ -99,9 +97,9 @@ def test_hand_encoded_example_equals_tensorflow_example():
         )
     )
     assert tf.train.Example.FromString(data) == expected
-    parsed = records.parse_example(tf.constant(data))
+    parsed = read.parse_example(tf.constant(data))
     assert parsed["image/label"].numpy().tolist() == labels
-    assert set(records.FEATURES) == set(records_format.SCHEMA)
+    assert set(read.feature_spec()) == set(schema.SCHEMA)
 
 
 # --- round trips ----------------------------------------------------------------------
@@ -115,7 +113,7 @@ def test_png_round_trip_keeps_every_image_in_exactly_one_record(png_records, syn
     for split in SPLITS:
         part = synth_metadata[synth_metadata["split"] == split].set_index("image")
         assert len(part) % SHARD != 0  # the remainder must not be dropped
-        files = records.list_shards(out, split)
+        files = read.list_shards(out, split)
         k = math.ceil(len(part) / SHARD)
         assert [Path(f).name for f in files] == [
             f"{split}-{i:05d}-of-{k:05d}.tfrecord" for i in range(k)
@@ -150,7 +148,7 @@ def test_compact_records_hold_one_resized_channel(compact_records, synth_metadat
     assert (manifest["format"], manifest["size"], manifest["resample"]) == (
         "raw",
         32,
-        records_shards.RESAMPLE,
+        shards.RESAMPLE,
     )
     rows = _read_all(out, "val")
     part = synth_metadata.set_index("image")
@@ -183,7 +181,7 @@ def test_shards_option_sets_shards_per_split(synth_dir, tmp_path):
     assert manifest["format"] == "jpeg"
     assert {s: t["shards"] for s, t in manifest["splits"].items()} == {s: 3 for s in SPLITS}
     assert manifest["settings"]["images_per_shard"] is None and manifest["settings"]["shards"] == 3
-    assert all(len(records.list_shards(tmp_path / "k3", s)) == 3 for s in SPLITS)
+    assert all(len(read.list_shards(tmp_path / "k3", s)) == 3 for s in SPLITS)
 
 
 # --- resume, stale shards --------------------------------------------------------------
@@ -194,7 +192,7 @@ def test_conversion_killed_part_way_resumes_to_the_uninterrupted_result(
     synth_dir, png_records, tmp_path
 ):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "chexlib.cli", "convert", str(synth_dir), str(out)]
+    cmd = [sys.executable, "-m", "chexlib.cli.main", "convert", str(synth_dir), str(out)]
     cmd += ["--images-per-shard", "1", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -207,9 +205,9 @@ def test_conversion_killed_part_way_resumes_to_the_uninterrupted_result(
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     done = list(out.glob("*.tfrecord"))
-    assert 0 < len(done) < 120 and not (out / records.MANIFEST).exists()
+    assert 0 < len(done) < 120 and not (out / shards.MANIFEST).exists()
     with pytest.raises(FileNotFoundError, match="resume"):
-        records.list_shards(out, "train")
+        read.list_shards(out, "train")
     import tensorflow as tf
 
     for path in done:  # renamed only when complete: every visible shard reads cleanly
@@ -217,9 +215,9 @@ def test_conversion_killed_part_way_resumes_to_the_uninterrupted_result(
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    manifest = records.read_manifest(out)
+    manifest = read.read_manifest(out)
     assert manifest["conversion"]["shards_reused"] >= len(done) - 1  # the last may lack its sidecar
-    assert not list((out / records.STATE_DIR).glob("*.tmp"))
+    assert not list((out / shards.STATE_DIR).glob("*.tmp"))
 
     fresh = _convert(synth_dir, tmp_path / "fresh", images_per_shard=1)
     assert _shas(out) == _shas(tmp_path / "fresh")
@@ -234,7 +232,7 @@ def test_other_settings_or_data_never_reuse_stale_shards(
     out = tmp_path / "out"
     shutil.copytree(png_records[0], out)
     before = _shas(out)
-    with pytest.raises(records.RecordsError, match="variant: 'png' -> 'compact'") as err:
+    with pytest.raises(shards.RecordsError, match="variant: 'png' -> 'compact'") as err:
         _convert(synth_dir, out, variant="compact", size=32)
     assert "--overwrite" in str(err.value)
     assert _shas(out) == before  # refused without touching anything
@@ -249,7 +247,7 @@ def test_other_settings_or_data_never_reuse_stale_shards(
     assert manifest["conversion"]["shards_reused"] == len(manifest["shards"])
     image = next((data / "images").glob("*.png"))
     Image.fromarray(255 - read_grayscale(image)).save(image)  # the same image, changed
-    with pytest.raises(records.RecordsError, match="source dataset fingerprint"):
+    with pytest.raises(shards.RecordsError, match="source dataset fingerprint"):
         _convert(data, out2)
 
 
@@ -274,7 +272,7 @@ def test_skip_bad_lists_every_skipped_image_and_counts_it(synth_dir, synth_metad
     corrupt, missing = sorted((data / "images").glob("*.png"))[3:5]
     corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated
     with pytest.raises(
-        records.RecordsError, match=f"{corrupt.name}.*cannot decode(.|\n)*--skip-bad"
+        shards.RecordsError, match=f"{corrupt.name}.*cannot decode(.|\n)*--skip-bad"
     ):
         _convert(data, tmp_path / "strict1")
     missing.unlink()
@@ -297,7 +295,7 @@ def test_skip_bad_lists_every_skipped_image_and_counts_it(synth_dir, synth_metad
             t["records"] + t["skipped"] == t["images"] == (synth_metadata["split"] == split).sum()
         )
     assert manifest["settings"]["skip_bad"] is True
-    report = records.verify_records(tmp_path / "lenient", data, progress=False)
+    report = read.verify_records(tmp_path / "lenient", data, progress=False)
     assert report.passed, report.differences
 
 
@@ -312,7 +310,7 @@ def test_verify_records_passes_then_catches_tampering(synth_dir, png_records, tm
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x01
     shard.write_bytes(bytes(data))
-    report = records.verify_records(out, synth_dir, progress=False)
+    report = read.verify_records(out, synth_dir, progress=False)
     assert not report.passed
     assert any(shard.name in d and "sha256" in d for d in report.differences)
 
@@ -323,14 +321,12 @@ def test_verify_records_passes_then_catches_tampering(synth_dir, png_records, tm
     examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
     label = examples[0].features.feature["image/label"].int64_list.value
     label[0] = 1 - label[0]
-    shard.write_bytes(
-        b"".join(records_format.frame_record(e.SerializeToString()) for e in examples)
-    )
-    manifest = json.loads((out / records.MANIFEST).read_text())
+    shard.write_bytes(b"".join(schema.frame_record(e.SerializeToString()) for e in examples))
+    manifest = json.loads((out / shards.MANIFEST).read_text())
     entry = next(s for s in manifest["shards"] if s["file"] == shard.name)
     entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
-    (out / records.MANIFEST).write_text(json.dumps(manifest))
-    report = records.verify_records(out, synth_dir, progress=False)
+    (out / shards.MANIFEST).write_text(json.dumps(manifest))
+    report = read.verify_records(out, synth_dir, progress=False)
     assert len(report.differences) == 1 and "labels" in report.differences[0], report.differences
 
     # 3. a shard deleted: its images are reported missing; the command exits non-zero
@@ -342,19 +338,19 @@ def test_verify_records_passes_then_catches_tampering(synth_dir, png_records, tm
 
 def test_reading_errors_name_the_problem(tmp_path, png_records):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        records.read_manifest(tmp_path)
+        read.read_manifest(tmp_path)
     out = tmp_path / "out"
     shutil.copytree(png_records[0], out)
-    with pytest.raises(records.RecordsError, match="unknown split 'holdout'"):
-        records.list_shards(out, "holdout")
-    manifest = json.loads((out / records.MANIFEST).read_text())
-    (out / records.MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
-    with pytest.raises(records.RecordsError, match="incomplete"):
-        records.list_shards(out, "train")
-    (out / records.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(shards.RecordsError, match="unknown split 'holdout'"):
+        read.list_shards(out, "holdout")
+    manifest = json.loads((out / shards.MANIFEST).read_text())
+    (out / shards.MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(shards.RecordsError, match="incomplete"):
+        read.list_shards(out, "train")
+    (out / shards.MANIFEST).write_text(json.dumps(manifest))
     (out / manifest["shards"][0]["file"]).unlink()
-    with pytest.raises(records.RecordsError, match="missing"):
-        records.list_shards(out, "train")
+    with pytest.raises(shards.RecordsError, match="missing"):
+        read.list_shards(out, "train")
 
 
 def test_cli_rejects_bad_settings_before_any_work(synth_dir, tmp_path, capsys):
@@ -369,7 +365,7 @@ def test_cli_rejects_bad_settings_before_any_work(synth_dir, tmp_path, capsys):
 def test_conversion_notebook_runs_under_papermill(synth_dir, tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpecManager
 
-    from chexlib.notebook import KERNEL, run_notebook
+    from chexlib.study.notebook import KERNEL, run_notebook
 
     if KERNEL not in KernelSpecManager().find_kernel_specs():
         monkeypatch.setenv("CHEXLIB_KERNEL", "python3")
@@ -406,7 +402,7 @@ def test_second_conversion_into_one_folder_is_refused_naming_the_first(synth_dir
     first = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    lock, deadline = out / records_shards.LOCK, time.monotonic() + 120
+    lock, deadline = out / shards.LOCK, time.monotonic() + 120
     while first.poll() is None and time.monotonic() < deadline:
         held = lock.is_file() and f"pid {first.pid} " in lock.read_text()
         if held and list(out.glob("*.tfrecord")):  # locked and part-way through its shards
@@ -424,13 +420,13 @@ def test_second_conversion_into_one_folder_is_refused_naming_the_first(synth_dir
 
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err.decode()  # its temporary shards were left alone
-    assert records.verify_records(out, synth_dir, progress=False).passed
-    assert not list((out / records.STATE_DIR).glob("*.tmp"))
+    assert read.verify_records(out, synth_dir, progress=False).passed
+    assert not list((out / shards.STATE_DIR).glob("*.tmp"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # lock released
     assert again.returncode == 0, again.stderr
 
 
 def test_temporary_shard_names_are_unique_per_process_and_call():
-    names = {records_shards._unique() for _ in range(100)}
+    names = {shards._unique() for _ in range(100)}
     assert len(names) == 100
     assert all(f".{os.getpid()}." in n for n in names)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from chexlib.data import LABELS
-from chexlib.results import write_run_record
-from chexlib.run_record import CEILING_KEYS, RunRecord, RunRecordError, is_training_record
+from chexlib.core.run_record import CEILING_KEYS, RunRecord, RunRecordError, is_training_record
+from chexlib.core.runs import write_run_record
+from chexlib.data.metadata import LABELS
 
 
 def train_metrics() -> dict:

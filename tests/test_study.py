@@ -1,4 +1,4 @@
-"""chexlib.study: grids, stable run ids, resume, failures, on a probe notebook."""
+"""chexlib.study.runner: grids, stable run ids, resume, failures, on a probe notebook."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chexlib.results import RecordError, write_json
-from chexlib.study import SpecError, expand, load_spec, run_study
+from chexlib.core.files import RecordError, write_json
+from chexlib.study.runner import SpecError, expand, load_spec, run_study
 
 PROBE = Path(__file__).parent / "notebooks" / "probe.ipynb"
 
@@ -94,7 +94,7 @@ def test_cli_exit_status(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "chexlib.cli",
+        "chexlib.cli.main",
         "study",
         str(spec),
         "--outputs",
@@ -287,7 +287,7 @@ def _sleeper_notebook(path: Path) -> Path:
     nb.cells = [
         params,
         nbformat.v4.new_code_cell(
-            "import time\n\nfrom chexlib.results import write_run_record\n\ntime.sleep(SECONDS)\n"
+            "import time\n\nfrom chexlib.core.files import write_run_record\n\ntime.sleep(SECONDS)\n"
             'write_run_record(OUTPUT_DIR, {"SECONDS": SECONDS}, {"slept": SECONDS})'
         ),
     ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chexlib.synth import generate
+from chexlib.synth.generate import generate
 
 REPO = Path(__file__).resolve().parents[1]
 

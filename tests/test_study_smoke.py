@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from chexlib.study import REPO, run_study
+from chexlib.study.runner import REPO, run_study
 
 FIGURES = {
     "fig1_2_naive_vs_optimized.png", "fig3_raw_vs_records.png", "fig4_records_gain.png",

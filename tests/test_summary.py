@@ -11,9 +11,9 @@ import sys
 import pandas as pd
 import pytest
 
-from chexlib import feeding, summary, verdicts
-from chexlib.data import LABELS
-from chexlib.run_record import RunRecord, RunRecordError
+from chexlib.core.run_record import RunRecord, RunRecordError
+from chexlib.data.metadata import LABELS
+from chexlib.report import feeding, summary, verdicts
 
 
 def training_record(**changes) -> RunRecord:
@@ -83,9 +83,9 @@ def test_training_table_shares_the_synthetic_ceiling_and_computes_efficiency():
     import matplotlib
 
     matplotlib.use("Agg")
-    from chexlib import plots
+    from chexlib.report import summary_plots
 
-    fig = plots.plot_ceiling(table, "2 CPU cores, no GPU")
+    fig = summary_plots.plot_ceiling(table, "2 CPU cores, no GPU")
     caption = " ".join(t.get_text() for t in fig.texts)
     assert "paired: ceiling from alternating windows" in caption
     assert "1 paired" in caption and "2 shared" in caption and "1 separate run" in caption

@@ -1,4 +1,4 @@
-"""Tests of the generated ChestX-ray14-format dataset (chexlib.synth, synth_metadata, synth_image)."""
+"""Tests of the generated ChestX-ray14-format dataset (chexlib.synth.generate, synth_metadata, synth_image)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chexlib import synth, synth_image, synth_metadata
-from chexlib.data import LABELS, load_metadata
+from chexlib.data.metadata import LABELS, load_metadata
+from chexlib.synth import generate, image, metadata
 
 REAL_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
@@ -30,7 +30,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def small(tmp_path_factory) -> Path:
     """60 images of 64x64, rendered in this process."""
     out = tmp_path_factory.mktemp("synth") / "small"
-    synth.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
+    generate.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
     return out
 
 
@@ -39,15 +39,15 @@ def small(tmp_path_factory) -> Path:
 
 def test_same_arguments_give_the_same_bytes_whatever_the_workers(tmp_path, small):
     again = tmp_path / "again"
-    synth.generate(again, n_images=60, size=64, seed=5, workers=2, progress=False)
+    generate.generate(again, n_images=60, size=64, seed=5, workers=2, progress=False)
     assert _files(again) == _files(small)
 
 
 def test_another_seed_gives_another_dataset(tmp_path, small):
     other = tmp_path / "other"
-    synth.generate(other, n_images=60, size=64, seed=6, workers=1, progress=False)
+    generate.generate(other, n_images=60, size=64, seed=6, workers=1, progress=False)
     a, b = _files(small), _files(other)
-    assert a[synth.CSV_NAME] != b[synth.CSV_NAME]
+    assert a[generate.CSV_NAME] != b[generate.CSV_NAME]
     shared = sorted(n for n in set(a) & set(b) if n.startswith("images/"))
     assert shared and all(a[n] != b[n] for n in shared)
 
@@ -56,7 +56,7 @@ def test_another_seed_gives_another_dataset(tmp_path, small):
 
 
 def test_csv_has_the_real_header_and_well_formed_rows(small):
-    lines = (small / synth.CSV_NAME).read_text().splitlines()
+    lines = (small / generate.CSV_NAME).read_text().splitlines()
     assert lines[0] == REAL_HEADER
     rows = list(csv.reader(lines[1:]))
     assert len(rows) == 60
@@ -71,13 +71,13 @@ def test_csv_has_the_real_header_and_well_formed_rows(small):
 
 
 def test_csv_reads_like_the_real_file_with_pandas(small):
-    df = pd.read_csv(small / synth.CSV_NAME)
-    assert list(df.columns[:11]) == list(synth_metadata.CSV_COLUMNS)
+    df = pd.read_csv(small / generate.CSV_NAME)
+    assert list(df.columns[:11]) == list(metadata.CSV_COLUMNS)
     assert df.columns[11].startswith("Unnamed") and df.iloc[:, 11].isna().all()
 
 
 def test_split_lists_cover_every_image_once_and_keep_patients_apart(small):
-    names = set(pd.read_csv(small / synth.CSV_NAME)["Image Index"])
+    names = set(pd.read_csv(small / generate.CSV_NAME)["Image Index"])
     train_val = (small / "train_val_list.txt").read_text().splitlines()
     test = (small / "test_list.txt").read_text().splitlines()
     assert sorted(train_val + test) == sorted(names)
@@ -86,9 +86,9 @@ def test_split_lists_cover_every_image_once_and_keep_patients_apart(small):
 
 
 def test_test_fraction_is_met_by_whole_patients():
-    meta = synth_metadata.sample_metadata(2000, seed=0)
+    meta = metadata.sample_metadata(2000, seed=0)
     for fraction in (0.1, 0.2, 0.3):
-        is_test = synth_metadata.split_by_patient(meta, fraction, seed=0)
+        is_test = metadata.split_by_patient(meta, fraction, seed=0)
         assert abs(is_test.mean() - fraction) < 0.01
         by_patient = pd.Series(is_test).groupby(meta["Patient ID"]).nunique()
         assert (by_patient == 1).all()
@@ -113,7 +113,7 @@ def test_chexlib_data_loads_the_output(small):
 
 @pytest.fixture(scope="module")
 def big_meta() -> pd.DataFrame:
-    return synth_metadata.sample_metadata(20_000, seed=0)
+    return metadata.sample_metadata(20_000, seed=0)
 
 
 def test_prevalence_matches_nih(big_meta):
@@ -122,7 +122,7 @@ def test_prevalence_matches_nih(big_meta):
     # for Infiltration, with patients' follow-ups correlated).
     observed = big_meta[list(LABELS)].mean()
     for label in LABELS:
-        nih = synth_metadata.PREVALENCE[label]
+        nih = metadata.PREVALENCE[label]
         assert abs(observed[label] - nih) <= 0.1 * nih + 0.003, (label, observed[label], nih)
     no_finding = (big_meta["Finding Labels"] == "No Finding").mean()
     assert abs(no_finding - 0.538) < 0.015
@@ -131,7 +131,7 @@ def test_prevalence_matches_nih(big_meta):
 
 def test_patients_and_views_look_like_nih(big_meta):
     images_per_patient = len(big_meta) / big_meta["Patient ID"].nunique()
-    assert abs(images_per_patient - synth_metadata.MEAN_FOLLOWUPS) < 0.25
+    assert abs(images_per_patient - metadata.MEAN_FOLLOWUPS) < 0.25
     assert abs((big_meta["View Position"] == "AP").mean() - 0.40) < 0.03
     assert abs((big_meta["Patient Gender"] == "M").mean() - 0.565) < 0.03
 
@@ -154,11 +154,9 @@ def test_findings_co_occur_and_persist_across_follow_ups(big_meta):
 
 def test_a_1024_png_is_as_large_as_a_real_one():
     for index, findings in enumerate([(), ("Mass", "Effusion", "Cardiomegaly")]):
-        pixels = synth_image.render_image(
-            findings, size=1024, seed=0, index=index, patient=index + 1
-        )
+        pixels = image.render_image(findings, size=1024, seed=0, index=index, patient=index + 1)
         assert pixels.shape == (1024, 1024) and pixels.dtype == np.uint8
-        assert 300_000 <= len(synth_image.encode_png(pixels)) <= 500_000
+        assert 300_000 <= len(image.encode_png(pixels)) <= 500_000
 
 
 def _small(pixels: np.ndarray, side: int = 64) -> np.ndarray:
@@ -168,8 +166,8 @@ def _small(pixels: np.ndarray, side: int = 64) -> np.ndarray:
 def test_a_1024_image_downscales_to_what_its_256_drawing_does():
     # Justifies drawing at 256 in the learnability test below.
     args = dict(findings=("Nodule", "Pneumothorax"), seed=1, index=3, patient=2)
-    big = _small(synth_image.render_image(size=1024, **args))
-    base = _small(synth_image.render_image(size=256, **args))
+    big = _small(image.render_image(size=1024, **args))
+    base = _small(image.render_image(size=256, **args))
     assert np.abs(big - base).mean() < 1.0
 
 
@@ -187,7 +185,7 @@ def test_every_finding_is_learnable_at_64x64():
     x = np.stack(
         [
             _small(
-                synth_image.render_image(
+                image.render_image(
                     [k for k, on in zip(LABELS, row, strict=True) if on],
                     size=256,
                     seed=3,
@@ -217,10 +215,8 @@ def _core_spread(label: str, index: int) -> float:
     def at_128(pixels):
         return np.asarray(Image.fromarray(pixels).resize((128, 128), Image.LANCZOS), dtype=float)
 
-    diff = at_128(synth_image.render_image((label,), **args)) - at_128(
-        synth_image.render_image((), **args)
-    )
-    x, y, w, h = (v / 8 for v in synth_image.finding_boxes((label,), **args)[label])
+    diff = at_128(image.render_image((label,), **args)) - at_128(image.render_image((), **args))
+    x, y, w, h = (v / 8 for v in image.finding_boxes((label,), **args)[label])
     core = diff[int(y + h / 4) : int(y + 3 * h / 4), int(x + w / 4) : int(x + 3 * w / 4)]
     return float(core.std() / abs(core.mean()))
 
@@ -240,19 +236,19 @@ def test_fine_structure_survives_the_128_px_input(index):
 
 def test_rerun_renders_only_what_is_missing(tmp_path):
     out = tmp_path / "resume"
-    first = synth.generate(out, n_images=20, size=64, seed=2, workers=1, progress=False)
+    first = generate.generate(out, n_images=20, size=64, seed=2, workers=1, progress=False)
     before = _files(out)
     assert first["rendered"] == 20
     for path in sorted((out / "images").glob("*.png"))[:3]:
         path.unlink()
     (out / "images" / "00000001_000.png.tmp").write_bytes(b"half")  # as a killed run leaves
     assert (
-        synth.generate(out, n_images=20, size=64, seed=2, workers=1, progress=False)["rendered"]
+        generate.generate(out, n_images=20, size=64, seed=2, workers=1, progress=False)["rendered"]
         == 3
     )
     assert _files(out) == before
     assert (
-        synth.generate(out, n_images=20, size=64, seed=2, workers=1, progress=False)["rendered"]
+        generate.generate(out, n_images=20, size=64, seed=2, workers=1, progress=False)["rendered"]
         == 0
     )
 
@@ -262,11 +258,11 @@ def test_refuses_a_folder_that_is_not_its_own(tmp_path, small):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a synth output"):
-        synth.generate(foreign, n_images=5, size=64, progress=False)
+        generate.generate(foreign, n_images=5, size=64, progress=False)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     before = _files(small)
     with pytest.raises(FileExistsError, match="n_images=60 on disk vs 61 asked"):
-        synth.generate(small, n_images=61, size=64, seed=5, progress=False)
+        generate.generate(small, n_images=61, size=64, seed=5, progress=False)
     assert _files(small) == before
 
 
@@ -276,12 +272,14 @@ def test_refuses_a_folder_that_is_not_its_own(tmp_path, small):
 )
 def test_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
-        synth.generate(tmp_path / "x", **{"n_images": 5, "size": 64, "progress": False, **kwargs})
+        generate.generate(
+            tmp_path / "x", **{"n_images": 5, "size": 64, "progress": False, **kwargs}
+        )
     assert not (tmp_path / "x").exists()
 
 
 def test_cli_prints_the_summary_and_fails_cleanly(tmp_path, capsys):
-    from chexlib.cli import main
+    from chexlib.cli.main import main
 
     out = str(tmp_path / "cli")
     argv = ["synth", out, "--images", "8", "--size", "64", "--workers", "1", "--no-progress"]
@@ -296,17 +294,14 @@ def test_cli_prints_the_summary_and_fails_cleanly(tmp_path, capsys):
 
 
 def test_box_list_has_nih_header_and_a_row_per_boxed_test_finding(small):
-    lines = (small / synth.BBOX_NAME).read_text().splitlines()
+    lines = (small / generate.BBOX_NAME).read_text().splitlines()
     assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     rows = list(csv.reader(lines[1:]))
     assert rows and {len(r) for r in rows} == {9} and {tuple(r[6:]) for r in rows} == {("", "", "")}
     test = set((small / "test_list.txt").read_text().splitlines())
-    entries = pd.read_csv(small / synth.CSV_NAME).set_index("Image Index")["Finding Labels"]
+    entries = pd.read_csv(small / generate.CSV_NAME).set_index("Image Index")["Finding Labels"]
     expected = {
-        (name, label)
-        for name in test
-        for label in entries[name].split("|")
-        if label in synth_image.BOXED
+        (name, label) for name in test for label in entries[name].split("|") if label in image.BOXED
     }
     assert {(r[0], r[1]) for r in rows} == expected and len(rows) == len(expected)
     for _, _, *box, _, _, _ in rows:
@@ -315,7 +310,7 @@ def test_box_list_has_nih_header_and_a_row_per_boxed_test_finding(small):
 
 
 def test_box_list_reads_like_nih_with_pandas(small):
-    df = pd.read_csv(small / synth.BBOX_NAME)
+    df = pd.read_csv(small / generate.BBOX_NAME)
     assert list(df.columns[:6]) == ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"]
     assert all(c.startswith("Unnamed") for c in df.columns[6:]) and len(df.columns) == 9
     assert df.iloc[:, 6:].isna().all().all()
@@ -331,27 +326,27 @@ def test_each_box_holds_most_of_its_finding_drawn_alone(view):
     # 512 px: boxes are in stored pixels, the drawing grid is 256 (scale 2).
     for index in range(4):
         args = dict(size=512, seed=11, index=index, patient=index + 3, view=view)
-        boxes = synth_image.finding_boxes(synth_image.BOXED, **args)
-        assert set(boxes) == set(synth_image.BOXED)
+        boxes = image.finding_boxes(image.BOXED, **args)
+        assert set(boxes) == set(image.BOXED)
         for label, box in boxes.items():
-            mass = synth_image.finding_mass(label, **args)
+            mass = image.finding_mass(label, **args)
             assert _mass_inside(mass, box, 2.0) > 0.8, (label, index, box)
             assert box[2] * box[3] < 0.35 * 512 * 512, (label, box)  # a place, not the image
-    assert synth_image.finding_boxes(("Emphysema",), size=64) == {}  # diffuse: no box
+    assert image.finding_boxes(("Emphysema",), size=64) == {}  # diffuse: no box
 
 
 def test_boxes_follow_the_jitter_and_scale_with_the_stored_size():
-    one = synth_image.finding_boxes(("Nodule",), size=256, seed=0, index=1, patient=1)["Nodule"]
-    other = synth_image.finding_boxes(("Nodule",), size=256, seed=0, index=2, patient=2)["Nodule"]
+    one = image.finding_boxes(("Nodule",), size=256, seed=0, index=1, patient=1)["Nodule"]
+    other = image.finding_boxes(("Nodule",), size=256, seed=0, index=2, patient=2)["Nodule"]
     assert one != other
-    big = synth_image.finding_boxes(("Nodule",), size=1024, seed=0, index=1, patient=1)["Nodule"]
+    big = image.finding_boxes(("Nodule",), size=1024, seed=0, index=1, patient=1)["Nodule"]
     assert big == tuple(4 * v for v in one)
 
 
 def test_a_dataset_written_before_the_box_list_gets_it_on_rerun(tmp_path, small):
     out = tmp_path / "old"
-    synth.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
-    (out / synth.BBOX_NAME).unlink()
-    again = synth.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
+    generate.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
+    (out / generate.BBOX_NAME).unlink()
+    again = generate.generate(out, n_images=60, size=64, seed=5, workers=1, progress=False)
     assert again["rendered"] == 0 and again["boxes"] > 0
     assert _files(out) == _files(small)

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chexlib.cli import main
-from chexlib.results import RecordError, RecordWarning, collect_runs, read_json, write_json
+from chexlib.cli.main import main
+from chexlib.core.files import RecordError, read_json, write_json
+from chexlib.core.runs import RecordWarning, collect_runs
 
 CHEXLIB = Path(sys.executable).parent / "chexlib"
 NOBODY = 65534  # as root, permission tests run their child as this user
@@ -210,7 +211,7 @@ def test_dispatcher_reports_project_errors_in_one_line(tmp_path, capsys):
 
 
 def test_corrupt_run_json_is_named_by_the_study_command(tmp_path):
-    from chexlib.study import expand, load_spec
+    from chexlib.study.runner import expand, load_spec
 
     spec = _spec(tmp_path)
     (run,) = expand(load_spec(spec), tmp_path / "out")
@@ -246,7 +247,7 @@ def test_write_json_cut_off_halfway_leaves_previous_file(tmp_path):
     before = path.read_bytes()
     script = textwrap.dedent(
         f"""
-        from chexlib.results import write_json
+        from chexlib.core.files import write_json
         try:
             write_json({str(path)!r}, {{"rows": list(range(100000))}})
         except OSError as err:
@@ -322,7 +323,7 @@ def test_collect_runs_leaves_out_a_corrupt_run_and_names_it(tmp_path):
 def test_table_records_are_json_safe_rows():
     import pandas as pd
 
-    from chexlib.results import table_records
+    from chexlib.core.runs import table_records
 
     table = pd.DataFrame(
         {"name": ["a", "b"], "rate": [1.5, float("nan")], "n": np.array([1, 2], np.int64)}

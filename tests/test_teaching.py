@@ -1,4 +1,4 @@
-"""The walkthrough's pictures (chexlib.teaching) drawn from real small inputs: the suite's
+"""The walkthrough's pictures (chexlib.walkthrough.teaching) drawn from real small inputs: the suite's
 generated dataset, records converted from it, a pipeline batch, a trained tiny run."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from test_run_record import train_metrics
 
-from chexlib import teaching
-from chexlib.data import LABELS
-from chexlib.run_record import RunRecord
+from chexlib.core.run_record import RunRecord
+from chexlib.data.metadata import LABELS
+from chexlib.walkthrough import teaching
 
 matplotlib.use("Agg")
 
@@ -36,12 +36,12 @@ def test_machine_note_is_computed_not_written():
 
 
 def test_records_beside_their_source(synth_dir, synth_metadata, tmp_path):
-    from chexlib import records
+    from chexlib.records import convert
 
     dirs = {}
     for variant in ("png", "compact"):
         dirs[variant] = tmp_path / variant
-        records.convert(synth_dir, dirs[variant], variant=variant, size=32, images_per_shard=40,
+        convert.convert(synth_dir, dirs[variant], variant=variant, size=32, images_per_shard=40,
                         workers=1, progress=False)  # fmt: skip
     fig = teaching.plot_records_beside_source(dirs, synth_metadata, split="train")
     axes = fig.get_axes()
@@ -59,11 +59,11 @@ def test_records_beside_their_source(synth_dir, synth_metadata, tmp_path):
 
 
 def test_augmented_batch_marks_the_flips_it_finds(synth_metadata):
-    from chexlib import pipeline
+    from chexlib.pipeline import builders
 
     images, labels, names = next(
         iter(
-            pipeline.build_dataset(
+            builders.build_dataset(
                 "raw",
                 "train",
                 metadata=synth_metadata,
@@ -85,7 +85,7 @@ def test_augmented_batch_marks_the_flips_it_finds(synth_metadata):
     # the flips found are the flips made: un-flipped evaluation images are never "FLIPPED"
     images, labels, names = next(
         iter(
-            pipeline.build_dataset(
+            builders.build_dataset(
                 "raw",
                 "val",
                 metadata=synth_metadata,
@@ -151,7 +151,7 @@ def _record(evaluated: bool) -> RunRecord:
 
 
 def test_run_report_figures():
-    from chexlib.run_report import auroc_table, history_frame, throughput_frame
+    from chexlib.report.training import auroc_table, history_frame, throughput_frame
 
     for evaluated in (True, False):
         fig = teaching.plot_learning_curves(history_frame(_record(evaluated)))
@@ -174,7 +174,8 @@ def test_run_report_figures():
 @pytest.fixture(scope="module")
 def tiny_run(synth_dir, tmp_path_factory):
     """The tiny test CNN trained a few steps at 32 px: a run folder with a checkpoint."""
-    from chexlib.train import TrainConfig, train
+    from chexlib.train.config import TrainConfig
+    from chexlib.train.recipe import train
 
     out = tmp_path_factory.mktemp("teaching") / "run"
     train(TrainConfig(data=str(synth_dir), out=str(out), model="tiny", image_size=32, batch_size=8,

@@ -1,4 +1,4 @@
-"""chexlib.train: config and CLI, AUROC bookkeeping, learning on planted signals, resume.
+"""chexlib.train.recipe: config and CLI, AUROC bookkeeping, learning on planted signals, resume.
 
 Training runs here are single-rank (a job of one Horovod rank, in this process or
 in a ``chexlib train`` subprocess); the multi-rank runs are in test_launch.py.
@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chexlib import run_report as R
-from chexlib import train as T
-from chexlib.data import LABELS
-from chexlib.run_record import RunRecord
+from chexlib.core.run_record import RunRecord
+from chexlib.data.metadata import LABELS
+from chexlib.report import training
+from chexlib.train import checkpoints, evaluate, inputs, recipe
+from chexlib.train import config as train_config
 
 CHEXLIB = str(Path(sys.executable).parent / "chexlib")
 
 
-def tiny_config(data_dir, out, **changes) -> T.TrainConfig:
+def tiny_config(data_dir, out, **changes) -> train_config.TrainConfig:
     """A seconds-long run of the tiny test model on a generated dataset."""
     base = dict(
         data=str(data_dir),
@@ -41,12 +42,12 @@ def tiny_config(data_dir, out, **changes) -> T.TrainConfig:
         throughput_warmup_steps=2,
         throughput_window_steps=2,
     )
-    return T.TrainConfig(**{**base, **changes})
+    return train_config.TrainConfig(**{**base, **changes})
 
 
-def run_cli(config: T.TrainConfig, env: dict | None = None, timeout: float = 300):
+def run_cli(config: train_config.TrainConfig, env: dict | None = None, timeout: float = 300):
     return subprocess.run(
-        [CHEXLIB, "train", *T.config_to_argv(config)],
+        [CHEXLIB, "train", *train_config.config_to_argv(config)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -59,22 +60,24 @@ def run_cli(config: T.TrainConfig, env: dict | None = None, timeout: float = 300
 
 def test_config_validates():
     with pytest.raises(ValueError, match="source raw needs --data"):
-        T.TrainConfig()
+        train_config.TrainConfig()
     with pytest.raises(ValueError, match="model must be one of"):
-        T.TrainConfig(data="d", model="vgg")
+        train_config.TrainConfig(data="d", model="vgg")
     with pytest.raises(ValueError, match="source records needs --records"):
-        T.TrainConfig(source="records", data="d")
+        train_config.TrainConfig(source="records", data="d")
     with pytest.raises(ValueError, match="--synthetic without data needs --steps-per-epoch"):
-        T.TrainConfig(synthetic=True)
-    assert T.TrainConfig(synthetic=True, steps_per_epoch=5).to_dict()["synthetic"] is True
+        train_config.TrainConfig(synthetic=True)
+    assert (
+        train_config.TrainConfig(synthetic=True, steps_per_epoch=5).to_dict()["synthetic"] is True
+    )
 
 
 def test_cli_flags_mirror_the_config():
     parser = argparse.ArgumentParser()
-    T.add_train_arguments(parser)
+    train_config.add_train_arguments(parser)
     flags = {a.dest for a in parser._actions} - {"help"}
-    assert flags == {f.name for f in dataclasses.fields(T.TrainConfig)}
-    config = T.TrainConfig(
+    assert flags == {f.name for f in dataclasses.fields(train_config.TrainConfig)}
+    config = train_config.TrainConfig(
         data="/d",
         records="/r",
         source="records",
@@ -95,20 +98,23 @@ def test_cli_flags_mirror_the_config():
         seed=3,
         out="/o",
     )
-    assert T.config_from_args(parser.parse_args(T.config_to_argv(config))) == config
+    assert (
+        train_config.config_from_args(parser.parse_args(train_config.config_to_argv(config)))
+        == config
+    )
 
 
 def test_fault_spec():
-    assert T.parse_fault("rank=1,epoch=0,step=3", rank=1) == (0, 3)
-    assert T.parse_fault("rank=1,epoch=0,step=3", rank=0) is None
-    assert T.parse_fault(None, rank=0) is None
+    assert recipe.parse_fault("rank=1,epoch=0,step=3", rank=1) == (0, 3)
+    assert recipe.parse_fault("rank=1,epoch=0,step=3", rank=0) is None
+    assert recipe.parse_fault(None, rank=0) is None
     with pytest.raises(ValueError, match="rank=R,epoch=E,step=S"):
-        T.parse_fault("rank=1", rank=1)
+        recipe.parse_fault("rank=1", rank=1)
 
 
 def test_epoch_seed_depends_on_seed_and_epoch_only():
-    assert T.epoch_seed(0, 3) == T.epoch_seed(0, 3)
-    assert len({T.epoch_seed(s, e) for s in range(3) for e in range(5)}) == 15
+    assert inputs.epoch_seed(0, 3) == inputs.epoch_seed(0, 3)
+    assert len({inputs.epoch_seed(s, e) for s in range(3) for e in range(5)}) == 15
 
 
 # --- evaluation bookkeeping ---------------------------------------------------------
@@ -122,7 +128,7 @@ def test_auroc_single_valued_and_nan_classes_are_none_with_reason():
     scores = rng.random((50, 14)).astype("float32")
     scores[:, 2] = np.nan  # a diverged model
     scores[:, 3] = labels[:, 3]  # perfect
-    values, reasons = T.auroc_per_class(labels, scores, "val")
+    values, reasons = evaluate.auroc_per_class(labels, scores, "val")
     assert list(values) == list(LABELS)
     assert (
         values["Atelectasis"] is None and "only negative examples in val" in reasons["Atelectasis"]
@@ -132,8 +138,8 @@ def test_auroc_single_valued_and_nan_classes_are_none_with_reason():
     assert values["Infiltration"] == 1.0
     assert set(reasons) == {"Atelectasis", "Cardiomegaly", "Effusion"}
     defined = [v for v in values.values() if v is not None]
-    assert T.mean_auroc(values) == pytest.approx(np.mean(defined))
-    assert T.mean_auroc(dict.fromkeys(LABELS)) is None
+    assert evaluate.mean_auroc(values) == pytest.approx(np.mean(defined))
+    assert evaluate.mean_auroc(dict.fromkeys(LABELS)) is None
 
 
 def test_binary_crossentropy_matches_keras():
@@ -143,11 +149,11 @@ def test_binary_crossentropy_matches_keras():
     labels = (rng.random((20, 14)) < 0.3).astype("float32")
     scores = rng.random((20, 14)).astype("float32")
     keras = float(tf.keras.losses.BinaryCrossentropy()(labels, scores))
-    assert T.binary_crossentropy(labels, scores) == pytest.approx(keras, rel=1e-5)
+    assert evaluate.binary_crossentropy(labels, scores) == pytest.approx(keras, rel=1e-5)
 
 
 def test_throughput_warms_up_once_per_run_and_skips_each_epochs_first_step():
-    from chexlib.callbacks import ThroughputCallback, throughput_summary
+    from chexlib.train.callbacks import ThroughputCallback, throughput_summary
 
     cb = ThroughputCallback(batch_size=4, warmup_steps=2, window_steps=3)
     for epoch in range(2):
@@ -170,7 +176,7 @@ def test_throughput_warms_up_once_per_run_and_skips_each_epochs_first_step():
 
 
 def test_short_runs_report_what_was_timed_never_nothing():
-    from chexlib.callbacks import measured_rates, throughput_summary
+    from chexlib.train.callbacks import measured_rates, throughput_summary
 
     # 8 epochs of 18 steps, warm-up 10, windows of 10: the old per-epoch warm-up timed nothing
     timed = [(e, b, 0.1) for e in range(8) for b in range(1, 18) if e * 18 + b >= 10]
@@ -194,10 +200,10 @@ def test_paired_windows_stay_aligned_with_the_dataset_across_epochs():
     windows must cover exactly the same steps, in every epoch, also after warm-up ends."""
     import tensorflow as tf
 
-    from chexlib.callbacks import ThroughputCallback, full_windows, untimed_steps
+    from chexlib.train.callbacks import ThroughputCallback, full_windows, untimed_steps
 
     steps, warmup, window = 7, 9, 2  # warm-up runs into the second epoch
-    config = T.TrainConfig(
+    config = train_config.TrainConfig(
         data="unused", batch_size=2, image_size=32, throughput_warmup_steps=warmup,
         throughput_window_steps=window, paired_synthetic=True,
     )  # fmt: skip
@@ -206,7 +212,7 @@ def test_paired_windows_stay_aligned_with_the_dataset_across_epochs():
     kinds = {}
     for epoch in range(4):
         untimed = untimed_steps(warmup, steps, epoch)
-        batches = T.paired_with_synthetic(real, config, untimed).take(steps)
+        batches = inputs.paired_with_synthetic(real, config, untimed).take(steps)
         kinds[epoch] = ["real" if not np.any(x.numpy()) else "synthetic" for x, _ in batches]
         cb.on_epoch_begin(epoch)
         for step in range(steps):
@@ -227,7 +233,7 @@ def test_paired_windows_stay_aligned_with_the_dataset_across_epochs():
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory):
     """1,500 generated images at 64 px: enough positives per class for a stable AUROC."""
-    from chexlib.synth import generate
+    from chexlib.synth.generate import generate
 
     out = tmp_path_factory.mktemp("planted") / "data"
     generate(out, n_images=1500, size=64, seed=3, workers=2, progress=False)
@@ -238,7 +244,7 @@ def planted_dir(tmp_path_factory):
 def test_tiny_model_learns_planted_signals(planted_dir, tmp_path):
     """Mean AUROC far above chance on the planted patterns (0.80-0.92 seen over seeds; threshold 0.75)."""
     config = tiny_config(planted_dir, tmp_path / "run", image_size=64, batch_size=32, epochs=8)
-    record = T.train(config)
+    record = recipe.train(config)
     assert record.history[-1]["val_mean_auroc"] >= 0.75
     assert record.mean_auroc >= 0.75 and record.auroc_split == "test"
     # the run record has the keys the study reads
@@ -265,7 +271,7 @@ def test_tiny_model_learns_planted_signals(planted_dir, tmp_path):
 
 
 def _split_counts(data_dir) -> dict:
-    from chexlib.data import load_metadata
+    from chexlib.data.metadata import load_metadata
 
     return load_metadata(data_dir)["split"].value_counts().to_dict()
 
@@ -280,22 +286,22 @@ def _digest(model) -> str:
 @pytest.mark.slow
 def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_path):
     common = dict(epochs=3, warmup_epochs=1, deterministic=True)
-    whole = T.train(tiny_config(synth_dir, tmp_path / "whole", **common))
+    whole = recipe.train(tiny_config(synth_dir, tmp_path / "whole", **common))
 
     killed = tiny_config(synth_dir, tmp_path / "killed", **common)
-    proc = run_cli(killed, env={T.FAULT_ENV: "rank=0,epoch=2,step=3"})
-    assert proc.returncode == T.FAULT_EXIT_CODE, proc.stderr[-2000:]
+    proc = run_cli(killed, env={recipe.FAULT_ENV: "rank=0,epoch=2,step=3"})
+    assert proc.returncode == recipe.FAULT_EXIT_CODE, proc.stderr[-2000:]
     latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
     assert latest["epochs_done"] == 2  # epoch 3 died before its checkpoint
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
     other = dataclasses.replace(killed, resume=True, seed=1, pipeline="naive", image_size=48)
     with pytest.raises(ValueError, match="other settings") as refused:
-        T.train(other)
+        recipe.train(other)
     for difference in ("seed: checkpoint 0, this run 1", "pipeline: checkpoint 'optimized', this "
                        "run 'naive'", "image_size: checkpoint 32, this run 48"):  # fmt: skip
         assert difference in str(refused.value)
-    resumed = T.train(dataclasses.replace(killed, resume=True))
+    resumed = recipe.train(dataclasses.replace(killed, resume=True))
     assert resumed.resumed_from_epoch == 2
     for a, b in zip(whole.history, resumed.history, strict=True):
         for key in ("loss", "val_loss", "val_mean_auroc", "lr"):
@@ -309,11 +315,11 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to train" in again.stdout
     assert (tmp_path / "whole" / "metrics.json").read_bytes() == record
-    finished = T.train(dataclasses.replace(killed, out=str(tmp_path / "whole"), resume=True))
+    finished = recipe.train(dataclasses.replace(killed, out=str(tmp_path / "whole"), resume=True))
     assert finished == RunRecord.from_dict(json.loads(record))  # the stored record, typed
 
     # the checkpoint is also a --weights source: the final model, variable for variable
-    from chexlib.models import build_model
+    from chexlib.train.models import build_model
 
     loaded = build_model("tiny", image_size=32, weights=str(tmp_path / "killed"))
     assert _digest(loaded) == resumed.weights_sha256_per_rank[0]
@@ -321,20 +327,25 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_run(synth_dir, tmp_p
 
 def test_resume_settings_cover_what_changes_the_result(synth_dir):
     config = tiny_config(synth_dir, "/runs/a")
-    from chexlib.data import load_metadata
+    from chexlib.data.metadata import load_metadata
 
-    fingerprint = T.data_fingerprint(config, load_metadata(synth_dir))
-    saved = T.result_settings(config, ranks=2, fingerprint=fingerprint)
+    fingerprint = checkpoints.data_fingerprint(config, load_metadata(synth_dir))
+    saved = checkpoints.result_settings(config, ranks=2, fingerprint=fingerprint)
     assert {"seed", "pipeline", "source", "model", "learning_rate", "batch_size"} <= set(saved)
     assert not {"out", "epochs", "verbose", "horovod_timeline", "data"} & set(saved)  # no effect
     moved = dataclasses.replace(config, out="/elsewhere", epochs=9, data="/copy/of/the/data")
-    assert T.resume_differences(saved, T.result_settings(moved, 2, fingerprint)) == []
+    assert (
+        checkpoints.resume_differences(saved, checkpoints.result_settings(moved, 2, fingerprint))
+        == []
+    )
     changed = dataclasses.replace(config, seed=4, learning_rate=0.5)
-    differences = T.resume_differences(saved, T.result_settings(changed, 1, "f" * 64))
+    differences = checkpoints.resume_differences(
+        saved, checkpoints.result_settings(changed, 1, "f" * 64)
+    )
     assert [d.split(":")[0] for d in differences] == [
         "learning_rate", "seed", "ranks", "data_fingerprint",
     ]  # fmt: skip
-    assert T.data_fingerprint(dataclasses.replace(config, data=None, synthetic=True,
+    assert checkpoints.data_fingerprint(dataclasses.replace(config, data=None, synthetic=True,
                                                   steps_per_epoch=3)) is None  # fmt: skip
 
 
@@ -347,7 +358,7 @@ def test_two_ranks_killed_then_resumed_match_an_uninterrupted_run(synth_dir, tmp
     proc = run_horovodrun(whole)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tiny_config(synth_dir, tmp_path / "killed", **common)
-    proc = run_horovodrun(killed, env={T.FAULT_ENV: "rank=1,epoch=1,step=2"})
+    proc = run_horovodrun(killed, env={recipe.FAULT_ENV: "rank=1,epoch=1,step=2"})
     assert proc.returncode != 0
     latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
     assert latest["epochs_done"] == 1 and not (tmp_path / "killed" / "metrics.json").exists()
@@ -362,8 +373,8 @@ def test_two_ranks_killed_then_resumed_match_an_uninterrupted_run(synth_dir, tmp
     assert b["mean_auroc"] == pytest.approx(a["mean_auroc"], abs=1e-6)
 
 
-def run_horovodrun(config: T.TrainConfig, np: int = 2, env: dict | None = None):
-    from chexlib.launch import horovodrun_command
+def run_horovodrun(config: train_config.TrainConfig, np: int = 2, env: dict | None = None):
+    from chexlib.launch.horovodrun import horovodrun_command
 
     return subprocess.run(
         horovodrun_command(config, np=np),
@@ -381,14 +392,14 @@ def test_eight_short_epochs_report_images_per_sec(synth_dir, tmp_path):
         synth_dir, tmp_path / "short", epochs=8, batch_size=2, steps_per_epoch=18,
         throughput_warmup_steps=10, throughput_window_steps=10, evaluate=False, checkpoint=False,
     )  # fmt: skip
-    record = T.train(config)
+    record = recipe.train(config)
     per_rank = record.throughput["per_rank"][0]
     assert record.images_per_sec > 0 and record.throughput["note"] is None
     assert record.throughput["timed_steps"] == 8 + 7 * 17  # warm-up once, then each epoch's
     assert per_rank["windows"] == 12  # first step after the epoch boundary not timed
     assert all(h["images_per_sec"] > 0 for h in record.history[1:])
 
-    tiny = T.train(dataclasses.replace(config, out=str(tmp_path / "tiny"), epochs=1,
+    tiny = recipe.train(dataclasses.replace(config, out=str(tmp_path / "tiny"), epochs=1,
                                        steps_per_epoch=5))  # fmt: skip
     assert tiny.images_per_sec > 0 and "warm-up" in tiny.throughput["note"]
 
@@ -396,14 +407,16 @@ def test_eight_short_epochs_report_images_per_sec(synth_dir, tmp_path):
 def test_existing_checkpoint_needs_resume(synth_dir, tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "latest.json").write_text('{"dir": "epoch-0001"}')
-    from chexlib.cli import main
+    from chexlib.cli.main import main
 
-    assert main(["train", *T.config_to_argv(tiny_config(synth_dir, tmp_path / "run"))]) == 2
+    assert (
+        main(["train", *train_config.config_to_argv(tiny_config(synth_dir, tmp_path / "run"))]) == 2
+    )
 
 
 @pytest.mark.slow
 def test_synthetic_run_measures_throughput_without_data(tmp_path):
-    config = T.TrainConfig(
+    config = train_config.TrainConfig(
         synthetic=True,
         steps_per_epoch=10,
         model="tiny",
@@ -415,7 +428,7 @@ def test_synthetic_run_measures_throughput_without_data(tmp_path):
         throughput_warmup_steps=2,
         throughput_window_steps=2,
     )
-    record = T.train(config)
+    record = recipe.train(config)
     assert record.images_per_sec > 0 and record.throughput["per_rank"][0]["windows"] == 4
     assert record.mean_auroc is None and set(record.auroc_reasons.values()) == {
         "synthetic data: no evaluation"
@@ -427,7 +440,7 @@ def test_paired_windows_alternate_real_and_synthetic_batches():
     import numpy as np
     import tensorflow as tf
 
-    config = T.TrainConfig(
+    config = train_config.TrainConfig(
         synthetic=False, data="unused", batch_size=2, image_size=32,
         throughput_warmup_steps=3, throughput_window_steps=2, paired_synthetic=True,
     )  # fmt: skip
@@ -436,10 +449,10 @@ def test_paired_windows_alternate_real_and_synthetic_batches():
     ).repeat()  # real batches are all zeros; synthetic ones are random normal
     kinds = [
         "real" if not np.any(images.numpy()) else "synthetic"
-        for images, _ in T.paired_with_synthetic(real, config).take(11)
+        for images, _ in inputs.paired_with_synthetic(real, config).take(11)
     ]
     assert kinds == ["real"] * 3 + ["real", "real", "synthetic", "synthetic"] * 2
-    from chexlib.callbacks import paired_summary
+    from chexlib.train.callbacks import paired_summary
 
     pairs = paired_summary([10.0, 20.0, 9.0, 10.0, 5.0], [0, 1, 2, 3, 0])
     assert pairs["pairs"] == 2 and pairs["ratio_median"] == pytest.approx(0.7)
@@ -457,7 +470,10 @@ def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
         paired_synthetic=True,
     )  # the first step (never timed), then 4 windows of 2: real, synthetic, real, synthetic
     result = subprocess.run(
-        [CHEXLIB, "train", *T.config_to_argv(config)], capture_output=True, text=True, timeout=300
+        [CHEXLIB, "train", *train_config.config_to_argv(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "paired" / "metrics.json").read_text())
@@ -467,10 +483,10 @@ def test_paired_synthetic_run_reports_real_over_synthetic(synth_dir, tmp_path):
     assert metrics["throughput"]["per_rank"][0]["windows"] == 2  # images/s from real windows only
     assert metrics["mean_auroc"] is None  # half the steps saw random data: no evaluation
     record = RunRecord.from_dict(metrics)
-    ceiling = R.paired_ceiling(record)  # what the notebook plots and records as the ceiling
+    ceiling = training.paired_ceiling(record)  # what the notebook plots and records as the ceiling
     assert ceiling.images_per_sec == pytest.approx(paired["synthetic_median"])
-    assert R.throughput_frame({"synthetic (paired)": ceiling})["windows"].tolist() == [2]
-    assert R.paired_ceiling(dataclasses.replace(record, paired_synthetic=None)) is None
+    assert training.throughput_frame({"synthetic (paired)": ceiling})["windows"].tolist() == [2]
+    assert training.paired_ceiling(dataclasses.replace(record, paired_synthetic=None)) is None
     with pytest.raises(ValueError, match="drop --synthetic"):
         tiny_config(synth_dir, tmp_path / "x", synthetic=True, paired_synthetic=True)
 

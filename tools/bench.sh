@@ -30,7 +30,7 @@ rm -f "$RESULTS"/*.json
 echo "== dataset: $N_IMAGES generated images of ${SOURCE_SIZE}x${SOURCE_SIZE} in $DATA"
 "$CHEXLIB" synth "$DATA" --images "$N_IMAGES" --size "$SOURCE_SIZE" --seed 0 --no-progress
 
-# ---- records conversion (chexlib.records; its conversion benchmark may go here) ----
+# ---- records conversion (chexlib.records.read; its conversion benchmark may go here) ----
 # compact records at convert's DEFAULT size, which is the training size: the resize is done once, here
 echo "== records: compact (default size, raw uint8) and png (original bytes), 32 images per shard"
 "$CHEXLIB" convert "$DATA" "$BENCH_DIR/records-compact" --variant compact \
@@ -39,7 +39,7 @@ echo "== records: compact (default size, raw uint8) and png (original bytes), 32
   --images-per-shard 32 --no-progress --overwrite > /dev/null
 # ---- end of records conversion ----
 
-# ---- input pipelines (chexlib.pipeline, chexlib.bench) ----
+# ---- input pipelines (chexlib.pipeline.builders, chexlib.bench.measure) ----
 common=(--batch-size "$BATCH" --image-size "$IMAGE_SIZE" --batches "$BATCHES" --windows 5)
 measure() {  # measure NAME ARGS...: one chexlib bench-pipeline run into RESULTS/NAME.json
   local name=$1

@@ -1,0 +1,122 @@
+"""The ``chexlib`` command line.
+
+Each subcommand lives in the module that does the work: the module exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
+when their subcommand runs, so ``chexlib synth`` never pays for TensorFlow.
+
+Errors a user can act on (the system's: a full disk, a permission denied, an
+output path that is a file; and chexlib's own error types) end every command
+the same way: one ``chexlib <command>: error: ...`` line on stderr and exit
+status 2, no traceback. That is done once, here, not in each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("chexlib.synth.generate", "generate a dataset in the NIH ChestX-ray14 layout"),
+    "validate": ("chexlib.data.metadata", "check every listed image exists and decodes"),
+    "convert": ("chexlib.records.convert", "convert a dataset to sharded TFRecords"),
+    "verify-records": ("chexlib.records.read", "read TFRecords back and check them"),
+    "bench-pipeline": ("chexlib.bench.measure", "time an input pipeline alone (no model)"),
+    "bench-records": (
+        "chexlib.bench.records",
+        "time TFRecord conversion per variant and worker count",
+    ),
+    "bench-report": (
+        "chexlib.report.benchmarks",
+        "print make bench-pipeline's ratios against their targets",
+    ),
+    "data-service": (
+        "chexlib.pipeline.dataservice",
+        "run a tf.data service dispatcher and/or workers",
+    ),
+    "train": ("chexlib.train.recipe", "train CheXNet (run under horovodrun for N ranks)"),
+    "explain": (
+        "chexlib.explain.gradcam",
+        "Grad-CAM heatmaps of a trained run, scored against boxes",
+    ),
+    "study": ("chexlib.study.runner", "run a papermill study specification"),
+    "publish-results": (
+        "chexlib.report.publish",
+        "copy a study's figures and results into the README",
+    ),
+}
+
+
+def _module_for(name: str):
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chexlib", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:  # import only the module of the command being run
+            _module_for(name).add_arguments(p)
+    return parser
+
+
+EXIT_ERROR = 2  # as argparse exits on a bad command line
+# What a user can do about the commonest system errors.
+_HINTS = {
+    errno.ENOSPC: "free some space and rerun",
+    errno.EDQUOT: "free some space (disk quota) and rerun",
+    errno.EFBIG: "the file size limit was reached; free space or raise the limit and rerun",
+    errno.EACCES: "check the permissions of this path",
+    errno.EPERM: "check the permissions of this path",
+    errno.EROFS: "the file system is read-only; choose another output folder",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "this path is a folder, not a file",
+}
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True for system errors (``OSError``) and chexlib's own error types.
+
+    chexlib's own are the exception classes defined in a ``chexlib`` module
+    (``DataError``, ``SpecError``, ``PublishError``, ``RecordError``, ...),
+    found by their module so a new one needs no entry here.
+    """
+    if isinstance(err, OSError):
+        return True
+    return any(cls.__module__.split(".")[0] == "chexlib" for cls in type(err).__mro__)
+
+
+def describe(err: BaseException) -> str:
+    """One line: the path first, then what went wrong and, when known, what to do."""
+    if isinstance(err, OSError) and err.strerror:
+        paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+        text = f"{' -> '.join(paths)}: {err.strerror}" if paths else err.strerror
+        hint = _HINTS.get(err.errno)
+        text = f"{text} ({hint})" if hint else text
+    else:
+        text = str(err) or type(err).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    only = next((a for a in argv if not a.startswith("-")), None)
+    only = only if only in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
+    try:
+        return int(_module_for(args.command).run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"chexlib {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise  # a bug: its traceback is what a report needs
+        print(f"chexlib {args.command}: error: {describe(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

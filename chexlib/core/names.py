@@ -1,0 +1,7 @@
+"""Names shared by every layer: where images come from and which pipeline reads them.
+
+The flags, configs, tables and figure legends all use these spellings.
+"""
+
+SOURCES = ("raw", "records")  # PNG files, or TFRecord shards from `chexlib convert`
+PIPELINES = ("naive", "optimized")  # a plain tf.data loop, or the official-models recipe
