@@ -45,7 +45,7 @@ bench-train: venv
 lint: venv
 	$(VENV)/bin/ruff check chexlib tests
 	$(VENV)/bin/ruff format --check chexlib tests
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_code_size.py  # module and function sizes
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_code_size.py tests/test_layout.py  # sizes, layers, cycles, facades
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

@@ -28,7 +28,7 @@ def test_pin_process_pins_threads_started_before_and_after():
     code = """
 import os, threading, time
 from pathlib import Path
-from chexlib import affinity
+from chexlib.train import affinity
 stop = threading.Event()
 before = threading.Thread(target=stop.wait); before.start()
 target = affinity.available_cores()[-1:]
@@ -45,7 +45,7 @@ print(len(seen), all(v == target for v in seen.values()))
 
 def test_tensorflow_threads_follow_the_pin():
     code = """
-from chexlib import affinity
+from chexlib.train import affinity
 affinity.set_tensorflow_threads(1)
 import tensorflow as tf
 tf.constant(1) + 1  # starts the runtime with those pools

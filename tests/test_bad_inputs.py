@@ -178,7 +178,7 @@ def test_convert_without_skip_bad_stops_with_one_error_line(bad_dataset, tmp_pat
     res = _run("convert", str(data), str(tmp_path / "strict"), "--no-progress")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
-    assert res.stderr.startswith("error: ") and names["dangling"] in res.stderr
+    assert res.stderr.startswith("chexlib convert: error: ") and names["dangling"] in res.stderr
     assert "dangling symlink" in res.stderr
 
     fixed = tmp_path / "fixed"  # a copy whose only problems are the damaged files
@@ -188,7 +188,7 @@ def test_convert_without_skip_bad_stops_with_one_error_line(bad_dataset, tmp_pat
     shutil.copy(synth_dir_image(data, names), link)
     res = _run("convert", str(fixed), str(tmp_path / "strict2"), "--no-progress", "--workers", "1")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.startswith("error: ") and "--skip-bad" in res.stderr
+    assert res.stderr.startswith("chexlib convert: error: ") and "--skip-bad" in res.stderr
     assert any(names[k] in res.stderr and BAD[k][1] in res.stderr for k in BAD), res.stderr
 
 
@@ -203,7 +203,7 @@ def test_convert_into_a_file_is_one_error_line(synth_dir, tmp_path):
     target.write_text("not a folder")
     res = _run("convert", str(synth_dir), str(target), "--no-progress")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.startswith("error: ") and str(target) in res.stderr
+    assert res.stderr.startswith("chexlib convert: error: ") and str(target) in res.stderr
 
 
 # --- malformed metadata fed to every command that reads it ---------------------------

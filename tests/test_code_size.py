@@ -25,12 +25,15 @@ FUNCTIONS_OVER: dict[str, int] = {}
 
 def _sizes() -> tuple[dict[str, int], dict[str, int]]:
     modules, functions = {}, {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert len(paths) > 40, f"{PACKAGE}: {len(paths)} modules found; is the layout walked?"
+    for path in paths:
         source = path.read_text()
-        modules[path.name] = len(source.splitlines())
+        name = path.relative_to(PACKAGE).as_posix()  # "train/recipe.py"
+        modules[name] = len(source.splitlines())
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                key = f"{path.name}:{node.name}"
+                key = f"{name}:{node.name}"
                 lines = node.end_lineno - node.lineno + 1
                 functions[key] = max(lines, functions.get(key, 0))
     return modules, functions

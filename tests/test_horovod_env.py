@@ -10,7 +10,7 @@ from chexlib.train import process
 def test_non_numeric_horovod_tuning_variables_are_dropped(monkeypatch):
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "(None,)")
     monkeypatch.setenv("HOROVOD_CACHE_CAPACITY", "1024")
-    process._drop_bad_horovod_env()
+    process.drop_bad_horovod_env()
     assert "HOROVOD_CYCLE_TIME" not in os.environ
     assert os.environ["HOROVOD_CACHE_CAPACITY"] == "1024"
 

@@ -165,10 +165,10 @@ def test_unknown_or_unavailable_decoders_are_named():
 EXIT_WHILE_BUSY = """
 import sys
 import tensorflow as tf
-from chexlib import imageops
+from chexlib.pipeline import decode
 paths = sys.argv[1:]
 ds = tf.data.Dataset.from_tensor_slices(paths).repeat().map(
-    lambda p: imageops.decode_png_reduced(tf.io.read_file(p), 224, "libspng"),
+    lambda p: decode.decode_png_reduced(tf.io.read_file(p), 224, "libspng"),
     num_parallel_calls=tf.data.AUTOTUNE).batch(8).prefetch(tf.data.AUTOTUNE)
 iterator = iter(ds)
 next(iterator)

@@ -83,7 +83,7 @@ def records_dir(synth_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_two_ranks_end_with_identical_weights(records_dir, tmp_path):
     """Real horovodrun, 2 Gloo ranks: same weights on both, every val/test image counted once."""
-    from chexlib.records.read import read_manifest
+    from chexlib.records.manifest import read_manifest
 
     config = tiny_config(tmp_path / "run", source="records", records=str(records_dir))
     record = horovodrun.run_horovodrun(config, np=2, timeout=400)

@@ -102,9 +102,7 @@ def test_tiny_has_no_imagenet_weights():
 def test_pipeline_normalisation_matches_keras_preprocess_input(name):
     """The pipeline normalises a grey image exactly as the backbone's ImageNet weights expect."""
     gray = np.random.default_rng(3).integers(0, 256, (16, 16, 1), dtype=np.uint8)
-    ours = builders.normalize_gray(
-        tf.constant(gray), models.PIPELINE_MODEL[name], training=False
-    ).numpy()
+    ours = builders.normalize(tf.constant(gray), models.PIPELINE_MODEL[name]).numpy()
     rgb = np.repeat(gray, 3, axis=-1).astype("float32")
     module = (
         tf.keras.applications.densenet if name == "densenet121" else tf.keras.applications.resnet50

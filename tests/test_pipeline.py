@@ -84,7 +84,7 @@ def split_names(md, split):
 )
 def test_normalisation_matches_keras_applications(model, keras_module):
     gray = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 1), dtype=np.uint8)
-    ours = builders.normalize_gray(tf.constant(gray), model, training=False).numpy()
+    ours = builders.normalize(tf.constant(gray), model).numpy()
     preprocess = getattr(tf.keras.applications, keras_module).preprocess_input
     theirs = preprocess(np.repeat(gray, 3, axis=-1).astype(np.float32))
     assert ours.shape == (SIZE, SIZE, 3) and ours.dtype == np.float32
@@ -98,8 +98,8 @@ def test_normalisation_matches_keras_applications(model, keras_module):
 def test_normalised_once_not_twice():
     """White is far from 0 after normalisation (dividing by 255 twice would squash it)."""
     white = tf.fill([SIZE, SIZE, 1], tf.constant(255, tf.uint8))
-    assert float(tf.reduce_min(builders.normalize_gray(white, "densenet121", False))) > 2.0
-    assert float(tf.reduce_min(builders.normalize_gray(white, "resnet50", False))) > 100.0
+    assert float(tf.reduce_min(builders.normalize(white, "densenet121"))) > 2.0
+    assert float(tf.reduce_min(builders.normalize(white, "resnet50"))) > 100.0
 
 
 def test_an_image_already_at_the_model_size_passes_through_unchanged():

@@ -21,6 +21,7 @@ from chexlib.cli.main import main as cli_main
 from chexlib.data.metadata import LABELS, SPLITS, DataError
 from chexlib.data.png import read_grayscale
 from chexlib.records import convert, read, schema, shards
+from chexlib.records.manifest import MANIFEST, STATE_DIR
 
 SHARD = 16  # records per shard in these tests; no split of the fixture is a multiple of it
 
@@ -205,7 +206,7 @@ def test_conversion_killed_part_way_resumes_to_the_uninterrupted_result(
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     done = list(out.glob("*.tfrecord"))
-    assert 0 < len(done) < 120 and not (out / shards.MANIFEST).exists()
+    assert 0 < len(done) < 120 and not (out / MANIFEST).exists()
     with pytest.raises(FileNotFoundError, match="resume"):
         read.list_shards(out, "train")
     import tensorflow as tf
@@ -217,7 +218,7 @@ def test_conversion_killed_part_way_resumes_to_the_uninterrupted_result(
     assert rerun.returncode == 0, rerun.stderr
     manifest = read.read_manifest(out)
     assert manifest["conversion"]["shards_reused"] >= len(done) - 1  # the last may lack its sidecar
-    assert not list((out / shards.STATE_DIR).glob("*.tmp"))
+    assert not list((out / STATE_DIR).glob("*.tmp"))
 
     fresh = _convert(synth_dir, tmp_path / "fresh", images_per_shard=1)
     assert _shas(out) == _shas(tmp_path / "fresh")
@@ -322,10 +323,10 @@ def test_verify_records_passes_then_catches_tampering(synth_dir, png_records, tm
     label = examples[0].features.feature["image/label"].int64_list.value
     label[0] = 1 - label[0]
     shard.write_bytes(b"".join(schema.frame_record(e.SerializeToString()) for e in examples))
-    manifest = json.loads((out / shards.MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     entry = next(s for s in manifest["shards"] if s["file"] == shard.name)
     entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
-    (out / shards.MANIFEST).write_text(json.dumps(manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest))
     report = read.verify_records(out, synth_dir, progress=False)
     assert len(report.differences) == 1 and "labels" in report.differences[0], report.differences
 
@@ -343,11 +344,11 @@ def test_reading_errors_name_the_problem(tmp_path, png_records):
     shutil.copytree(png_records[0], out)
     with pytest.raises(shards.RecordsError, match="unknown split 'holdout'"):
         read.list_shards(out, "holdout")
-    manifest = json.loads((out / shards.MANIFEST).read_text())
-    (out / shards.MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(shards.RecordsError, match="incomplete"):
         read.list_shards(out, "train")
-    (out / shards.MANIFEST).write_text(json.dumps(manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest))
     (out / manifest["shards"][0]["file"]).unlink()
     with pytest.raises(shards.RecordsError, match="missing"):
         read.list_shards(out, "train")
@@ -421,7 +422,7 @@ def test_second_conversion_into_one_folder_is_refused_naming_the_first(synth_dir
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err.decode()  # its temporary shards were left alone
     assert read.verify_records(out, synth_dir, progress=False).passed
-    assert not list((out / shards.STATE_DIR).glob("*.tmp"))
+    assert not list((out / STATE_DIR).glob("*.tmp"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # lock released
     assert again.returncode == 0, again.stderr
 

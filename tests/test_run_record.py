@@ -3,11 +3,18 @@ order, and a missing or unknown key fails naming it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from chexlib.core.run_record import CEILING_KEYS, RunRecord, RunRecordError, is_training_record
+from chexlib.core.run_record import (
+    CEILING_KEYS,
+    SCHEMA_VERSION,
+    RunRecord,
+    RunRecordError,
+    is_training_record,
+)
 from chexlib.core.runs import write_run_record
 from chexlib.data.metadata import LABELS
 
@@ -54,32 +61,33 @@ FIGURES = ["learning_curves.png", "auroc_comparison.png", "predictions.png", "th
 def test_a_train_record_round_trips_with_its_keys_in_order(tmp_path):
     metrics = train_metrics()
     record = RunRecord.from_dict(metrics)
-    assert record.notebook is None and record.launch is None
-    assert list(record.to_dict().items()) == list(metrics.items())
+    assert record.addition is None and record.launch is None
+    assert list(record.to_dict().items()) == [("schema_version", SCHEMA_VERSION), *metrics.items()]
     write_run_record(tmp_path, {}, record.to_dict())  # as write_outputs does
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert list(written) == list(metrics) and RunRecord.from_dict(written) == record
+    assert list(written) == ["schema_version", *metrics] and RunRecord.from_dict(written) == record
+    assert RunRecord.read(tmp_path / "metrics.json") == record
 
 
-def test_notebook_04_adds_launch_ceiling_and_figures_at_the_end():
-    record = RunRecord.from_dict(train_metrics()).with_notebook("horovod.run", CEILING, FIGURES)
+def test_a_ceiling_adds_launch_ceiling_and_figures_at_the_end():
+    record = RunRecord.from_dict(train_metrics()).with_ceiling("horovod.run", CEILING, FIGURES)
     d = record.to_dict()
-    assert list(d) == [*train_metrics(), "launch", *CEILING_KEYS, "figures"]
+    assert list(d) == ["schema_version", *train_metrics(), "launch", *CEILING_KEYS, "figures"]
     assert d["launch"] == "horovod.run" and d["figures"] == FIGURES
-    assert RunRecord.from_dict(d) == record and record.notebook == "04"
+    assert RunRecord.from_dict(d) == record and record.addition == "ceiling"
     no_ceiling = dict.fromkeys(CEILING_KEYS)  # no synthetic run: the keys stay, null
-    unmeasured = record.with_notebook("horovodrun", no_ceiling, FIGURES)
+    unmeasured = record.with_ceiling("horovodrun", no_ceiling, FIGURES)
     assert RunRecord.from_dict(unmeasured.to_dict()) == unmeasured
     with pytest.raises(RunRecordError, match="ceiling keys"):
-        record.with_notebook("horovod.run", {**CEILING, "ratio": 1.0}, FIGURES)
+        record.with_ceiling("horovod.run", {**CEILING, "ratio": 1.0}, FIGURES)
 
 
-def test_notebook_04b_adds_launch_and_the_rank_table():
+def test_a_rank_table_adds_launch_and_the_rows():
     rows = [{"rank": 0, "images_per_sec_rank": 10.0}, {"rank": 1, "images_per_sec_rank": 11.0}]
     record = RunRecord.from_dict(train_metrics()).with_rank_table("ipyparallel", rows)
     d = record.to_dict()
-    assert list(d) == [*train_metrics(), "launch", "rank_table"]
-    assert RunRecord.from_dict(d) == record and record.notebook == "04b"
+    assert list(d) == ["schema_version", *train_metrics(), "launch", "rank_table"]
+    assert RunRecord.from_dict(d) == record and record.addition == "rank table"
 
 
 @pytest.mark.parametrize("key", ["images_per_sec", "history", "environment", "rank"])
@@ -97,8 +105,8 @@ def test_an_unknown_or_renamed_key_is_named():
         RunRecord.from_dict(metrics)
 
 
-def test_part_of_a_notebook_group_is_refused_naming_the_rest():
-    d = RunRecord.from_dict(train_metrics()).with_notebook("horovod.run", CEILING, FIGURES)
+def test_part_of_an_addition_is_refused_naming_the_rest():
+    d = RunRecord.from_dict(train_metrics()).with_ceiling("horovod.run", CEILING, FIGURES)
     d = d.to_dict()
     del d["ceiling_kind"], d["figures"]
     with pytest.raises(RunRecordError, match="missing ceiling_kind, figures"):
@@ -115,3 +123,34 @@ def test_training_records_are_told_from_other_stages():
     profiling = {"throughput": [], "ablation": [], "utilization": [], "environment": {}}
     explain = {"model": "standin", "image_size": 128, "hit_rate": 0.2, "environment": {}}
     assert not is_training_record(profiling) and not is_training_record(explain)
+
+
+def test_a_record_written_before_a_new_field_reads_with_the_fields_default():
+    """A field added later (here: a subclass with one more field) takes its default
+    when an older record lacks it; a field without a default is still required."""
+    newer = dataclasses.make_dataclass(
+        "NewerRunRecord", [("hosts", list, dataclasses.field(default_factory=list))],
+        bases=(RunRecord,), frozen=True,
+    )  # fmt: skip
+    old = train_metrics()  # version 1: no schema_version key at all
+    assert "schema_version" not in old
+    record = newer.from_dict(old)
+    assert record.hosts == [] and record.images_per_sec == old["images_per_sec"]
+    assert newer.from_dict({**old, "hosts": ["node1", "node2"]}).hosts == ["node1", "node2"]
+
+
+@pytest.mark.parametrize("version", [SCHEMA_VERSION, 1])
+def test_this_and_older_schema_versions_read(version):
+    assert RunRecord.from_dict({"schema_version": version, **train_metrics()}).rank == 0
+
+
+def test_a_newer_schema_version_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1, **train_metrics()}))
+    with pytest.raises(
+        RunRecordError, match=rf"{path}: written by a newer chexlib .*schema {SCHEMA_VERSION + 1}"
+    ):
+        RunRecord.read(path)
+    for bad in (0, "2", True, None):
+        with pytest.raises(RunRecordError, match="schema_version must be a positive integer"):
+            RunRecord.from_dict({**train_metrics(), "schema_version": bad})

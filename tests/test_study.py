@@ -287,7 +287,7 @@ def _sleeper_notebook(path: Path) -> Path:
     nb.cells = [
         params,
         nbformat.v4.new_code_cell(
-            "import time\n\nfrom chexlib.core.files import write_run_record\n\ntime.sleep(SECONDS)\n"
+            "import time\n\nfrom chexlib.core.runs import write_run_record\n\ntime.sleep(SECONDS)\n"
             'write_run_record(OUTPUT_DIR, {"SECONDS": SECONDS}, {"slept": SECONDS})'
         ),
     ]

@@ -84,7 +84,7 @@ def assert_one_error_line(res: subprocess.CompletedProcess, command: str, *expec
     assert "Traceback" not in res.stderr, res.stderr
     lines = [line for line in res.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1, res.stderr
-    assert lines[0].startswith(f"chexlib {command}: error:") or lines[0].startswith("error:")
+    assert lines[0].startswith(f"chexlib {command}: error:"), lines[0]
     for text in expected:
         assert text in lines[0], lines[0]
     return lines[0]
@@ -335,3 +335,38 @@ def test_table_records_are_json_safe_rows():
         {"name": "b", "rate": None, "n": 2, "windows": [2.0]},
     ]
     json.dumps(rows, allow_nan=False)
+
+
+# --- every command reports its errors the same way, in one place ---------------------
+
+BAD_INVOCATIONS = {
+    "synth": ["synth", "{tmp}/s", "--images", "0", "--no-progress"],
+    "validate": ["validate", "{tmp}/nowhere"],
+    "convert": ["convert", "{tmp}/nowhere", "{tmp}/out", "--no-progress"],
+    "verify-records": ["verify-records", "{tmp}/nowhere", "--data", "{tmp}/nowhere"],
+    "bench-pipeline": ["bench-pipeline", "--data", "{tmp}", "--device-times", "2"],
+    "train": ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/run", "--epochs", "1"],
+    "explain": ["explain", "{tmp}/no-run", "--data", "{tmp}/nowhere"],
+    "study": ["study", "{tmp}/no-spec.yaml"],
+    "publish-results": ["publish-results", "{tmp}/no-summary"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(BAD_INVOCATIONS))
+def test_every_command_reports_a_user_error_in_one_prefixed_line(command, tmp_path):
+    argv = [a.format(tmp=tmp_path) for a in BAD_INVOCATIONS[command]]
+    res = subprocess.run([CHEXLIB, *argv], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert_one_error_line(res, command)
+
+
+def test_a_value_error_from_a_library_keeps_its_traceback_but_chexlibs_own_does_not():
+    from chexlib.cli import main as cli_main
+    from chexlib.pipeline.config import without_steps
+
+    with pytest.raises(ValueError) as numpy_error:
+        np.zeros(3).reshape(7)
+    assert not cli_main.is_user_error(numpy_error.value)  # numpy's: a bug, traceback kept
+    with pytest.raises(ValueError) as ours:
+        without_steps("no-such-step")
+    assert cli_main.is_user_error(ours.value)  # chexlib's, about a value it was given

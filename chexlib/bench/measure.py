@@ -284,15 +284,11 @@ def run(args) -> int:
     from chexlib.report.benchmarks import describe
 
     command = config_from_args(BenchPipelineCommand, args)
-    try:
-        cfg = config_from_args(BenchConfig, args)
-        if command.device_times is not None:
-            if cfg.device_rate is not None:
-                raise ValueError("give --device-rate or --device-times, not both")
-            cfg = dataclasses.replace(cfg, device_rate=command.device_rate())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(BenchConfig, args)
+    if command.device_times is not None:
+        if cfg.device_rate is not None:
+            raise ValueError("give --device-rate or --device-times, not both")
+        cfg = dataclasses.replace(cfg, device_rate=command.device_rate())
     result = measure(cfg, progress=sys.stderr.isatty())
     print(describe(result))
     if command.json:

@@ -24,6 +24,7 @@ import pandas as pd
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.data.metadata import MODEL_INPUT_SIZE, load_metadata
 from chexlib.records import convert, read, shards
+from chexlib.records.manifest import MANIFEST, read_manifest
 
 
 def raw_png_bytes(data_dir) -> int:
@@ -61,7 +62,7 @@ def time_conversion(data_dir, out_dir, variant: str, workers: int, **kwargs) -> 
         "seconds": seconds,
         "images": totals["records"],
         "images_per_s": totals["records"] / seconds,
-        "bytes": totals["bytes"] + (Path(out_dir) / shards.MANIFEST).stat().st_size,
+        "bytes": totals["bytes"] + (Path(out_dir) / MANIFEST).stat().st_size,
         "records_dir": str(out_dir),
         "machine_busy": busy,
         "worker_cpu_seconds": manifest["conversion"]["worker_cpu_seconds"],
@@ -103,8 +104,8 @@ def decode_cost(source, size: int = MODEL_INPUT_SIZE, n: int = 200, repeats: int
     from chexlib.pipeline.decode import resize_gray
 
     source = Path(source)
-    if (source / shards.MANIFEST).is_file():
-        manifest = read.read_manifest(source)
+    if (source / MANIFEST).is_file():
+        manifest = read_manifest(source)
         fmt, stored = manifest["format"], manifest.get("size")
         ds = tf.data.TFRecordDataset(read.list_shards(source, "train")).take(n)
         items = [bytes(r.numpy()) for r in ds]

@@ -5,9 +5,12 @@ Each subcommand lives in the module that does the work: the module exposes
 when their subcommand runs, so ``chexlib synth`` never pays for TensorFlow.
 
 Errors a user can act on (the system's: a full disk, a permission denied, an
-output path that is a file; and chexlib's own error types) end every command
-the same way: one ``chexlib <command>: error: ...`` line on stderr and exit
-status 2, no traceback. That is done once, here, not in each command.
+output path that is a file; chexlib's own error types; a ``ValueError`` that
+chexlib's code raised about a value it was given; a worker process that died)
+end every command the same way: one ``chexlib <command>: error: ...`` line on
+stderr and exit status 2, no traceback. A Horovod collective that failed
+because another rank died ends with one line and status 1. That is done once,
+here: no command prints its own errors.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import errno
 import importlib
 import sys
+from concurrent.futures import BrokenExecutor
+from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -78,15 +83,35 @@ _HINTS = {
 
 
 def is_user_error(err: BaseException) -> bool:
-    """True for system errors (``OSError``) and chexlib's own error types.
+    """True for system errors (``OSError``), chexlib's own error types, a
+    ``ValueError`` raised by chexlib's own code, and a broken worker pool.
 
     chexlib's own are the exception classes defined in a ``chexlib`` module
     (``DataError``, ``SpecError``, ``PublishError``, ``RecordError``, ...),
-    found by their module so a new one needs no entry here.
+    found by their module so a new one needs no entry here. A ``ValueError``
+    raised inside a library chexlib calls (numpy, TensorFlow) is a bug and keeps
+    its traceback.
     """
-    if isinstance(err, OSError):
+    if isinstance(err, OSError | BrokenExecutor):
+        return True
+    if isinstance(err, ValueError) and _raised_in_chexlib(err):
         return True
     return any(cls.__module__.split(".")[0] == "chexlib" for cls in type(err).__mro__)
+
+
+def _raised_in_chexlib(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is chexlib's code."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+# Errors of a library chexlib does not import here, by class name: (exit status, what it means).
+_PEER_FAILURES = {"HorovodInternalError": (1, "a Horovod collective failed (another rank died?)")}
 
 
 def describe(err: BaseException) -> str:
@@ -112,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chexlib {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        if type(err).__name__ in _PEER_FAILURES:
+            status, meaning = _PEER_FAILURES[type(err).__name__]
+            print(f"chexlib {args.command}: error: {meaning}: {describe(err)}", file=sys.stderr)
+            return status
         if not is_user_error(err):
             raise  # a bug: its traceback is what a report needs
         print(f"chexlib {args.command}: error: {describe(err)}", file=sys.stderr)

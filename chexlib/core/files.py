@@ -70,14 +70,20 @@ def _umask() -> int:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` so a reader sees the old file or the new one,
+    """Replace ``path`` with ``text`` (UTF-8), as :func:`write_bytes_atomic` does."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, sync: bool = True) -> Path:
+    """Replace ``path`` with ``data`` so a reader sees the old file or the new one,
     never half of one (also after a crash or a full disk).
 
-    The text goes to a unique temporary file in the same folder, is flushed to
-    disk, then renamed over ``path``; on any error the temporary file is removed
-    and ``path`` is left as it was. A symlink is followed (its target is
-    replaced); an existing file keeps its permissions, and a read-only one is
-    refused (``PermissionError``), as writing it in place would be.
+    The bytes go to a unique temporary file in the same folder, are flushed to
+    disk (``sync``), then renamed over ``path``; on any error the temporary file
+    is removed and ``path`` is left as it was. A symlink is followed (its target
+    is replaced); an existing file keeps its permissions, and a read-only one is
+    refused (``PermissionError``), as writing it in place would be. ``sync=False``
+    skips the two fsyncs, for many small files that can be regenerated.
     """
     path = Path(path)
     target = path.resolve() if path.is_symlink() else path
@@ -91,21 +97,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    if sync:
+        fsync_dir(target.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename durable (best effort: not every file system allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

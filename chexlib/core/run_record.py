@@ -1,39 +1,50 @@
 """The record of a training run (its ``metrics.json``) as a typed contract.
 
 :class:`RunRecord` has one field per key. ``chexlib train`` writes the training
-fields; notebook 04 adds how the ranks were started, the synthetic-data
-ceiling and its figures (:meth:`RunRecord.with_notebook`), notebook 04b the
-launch and its per-rank table (:meth:`RunRecord.with_rank_table`).
-:meth:`RunRecord.to_dict` gives the JSON in its usual key order;
-:meth:`RunRecord.from_dict` refuses a record with a missing or unknown key,
-naming it, so a renamed key fails where it is read instead of becoming an empty
-column. Plain Python only: the reporting layer reads it without TensorFlow.
+fields; whoever launched the run may add how the ranks were started and the
+synthetic-data ceiling with its figures (:meth:`RunRecord.with_ceiling`), or a
+per-rank table (:meth:`RunRecord.with_rank_table`).
+
+Versions: every record carries ``schema_version`` (:data:`SCHEMA_VERSION`;
+records written before it existed are version 1). A field added later gets a
+default, so an older record still reads, with that default; a record of a newer
+version than this code knows is refused, naming the file. A missing field that
+has no default, or an unknown key, is refused too, naming it, so a renamed key
+fails where it is read instead of becoming an empty column. Plain Python only:
+the reporting layer reads it without TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 
-CEILING_KEYS = (  # what ``run_report.ceiling_metrics`` returns
+from chexlib.core.files import read_json
+
+# 1: the records before versions; 2: schema_version written, additions named, not numbered.
+SCHEMA_VERSION = 2
+
+CEILING_KEYS = (  # what ``chexlib.report.training.ceiling_metrics`` returns
     "synthetic_images_per_sec",
     "synthetic_images_per_sec_per_rank",
     "model_ms_per_image",
     "fraction_of_synthetic",
     "ceiling_kind",
 )
-# Keys a notebook adds to the training run's record: a record has one group or none.
-NOTEBOOK_KEYS = {
-    "04": ("launch", *CEILING_KEYS, "figures"),
-    "04b": ("launch", "rank_table"),
+# Keys a launcher adds to the training run's record: a record has one group or none.
+ADDITIONS = {
+    "ceiling": ("launch", *CEILING_KEYS, "figures"),
+    "rank table": ("launch", "rank_table"),
 }
-_OPTIONAL = {key for keys in NOTEBOOK_KEYS.values() for key in keys}
+_ADDED = {key for keys in ADDITIONS.values() for key in keys}
 # Keys no other stage's record has: a record holding any of them is a training run's.
 _TRAINING_MARKERS = ("ranks", "images_per_sec", "steps_per_epoch", "weights_in_sync")
 
 
 class RunRecordError(ValueError):
-    """A training run's record with a missing or unknown key; the message names them."""
+    """A training run's record with a missing or unknown key, or of a newer schema;
+    the message names them."""
 
 
 @dataclass(frozen=True)
@@ -93,10 +104,10 @@ class RunRecord:
     xla: bool
     environment: dict
 
-    # Notebook 04's additions (with_notebook): the launch mode, the synthetic-data
-    # ceiling (run_report.ceiling_metrics) and the figures it saved; notebook 04b's
-    # (with_rank_table): the launch and one row per rank. Absent from the JSON of a
-    # run made by ``chexlib train`` alone.
+    # A launcher's additions: the launch mode, the synthetic-data ceiling
+    # (report.training.ceiling_metrics) and the figures saved (with_ceiling); or the
+    # launch and one row per rank (with_rank_table). Absent from the JSON of a run
+    # made by ``chexlib train`` alone.
     launch: str | None = None
     synthetic_images_per_sec: float | None = None
     synthetic_images_per_sec_per_rank: float | None = None
@@ -107,35 +118,49 @@ class RunRecord:
     rank_table: list[dict] | None = None
 
     @property
-    def notebook(self) -> str | None:
-        """Which notebook's keys the record holds ("04", "04b"); None: ``chexlib train``'s."""
-        if self.figures is not None:  # a list in every notebook 04 record
-            return "04"
-        return "04b" if self.rank_table is not None else None
+    def addition(self) -> str | None:
+        """Which group of :data:`ADDITIONS` the record holds; None: ``chexlib train``'s alone."""
+        if self.figures is not None:  # a list in every record with a ceiling
+            return "ceiling"
+        return "rank table" if self.rank_table is not None else None
 
     def to_dict(self) -> dict:
-        """The ``metrics.json`` dict: every key in order, notebook keys only when set."""
-        keep = NOTEBOOK_KEYS.get(self.notebook, ())
+        """The ``metrics.json`` dict: the schema version, then every key in order,
+        a launcher's additions only when set."""
+        keep = ADDITIONS.get(self.addition, ())
         return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in _OPTIONAL or f.name in keep
+            "schema_version": SCHEMA_VERSION,
+            **{
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.name not in _ADDED or f.name in keep
+            },
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RunRecord:
-        """The record of a ``metrics.json`` dict.
+        """The record of a ``metrics.json`` dict, of this schema version or an older one.
 
         Raises:
-            RunRecordError: a training key is missing, a key is unknown, or only
-                part of a notebook's group is there; the message names them.
+            RunRecordError: a newer schema version, a key without a default is
+                missing, a key is unknown, or only part of an addition's group is
+                there; the message names them.
         """
-        names = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in names]
-        missing = [k for k in names if k not in d and k not in _OPTIONAL]
-        added = [k for k in d if k in _OPTIONAL]
-        if added:  # the notebook group sharing most keys with it, then all of that one
-            group = max(NOTEBOOK_KEYS.values(), key=lambda keys: len(set(keys) & set(added)))
+        d = dict(d)
+        version = d.pop("schema_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise RunRecordError(f"schema_version must be a positive integer, not {version!r}")
+        if version > SCHEMA_VERSION:
+            raise RunRecordError(
+                f"written by a newer chexlib (run record schema {version}; this one reads "
+                f"up to {SCHEMA_VERSION}): upgrade chexlib to read it"
+            )
+        known = {f.name: f for f in fields(cls)}
+        unknown = [k for k in d if k not in known]
+        missing = [k for k, f in known.items() if k not in d and not _has_default(f)]
+        added = [k for k in d if k in _ADDED]
+        if added:  # the group sharing most keys with it, then all of that one
+            group = max(ADDITIONS.values(), key=lambda keys: len(set(keys) & set(added)))
             missing += [k for k in group if k not in d]
             unknown += [k for k in added if k not in group]
         if missing or unknown:
@@ -143,16 +168,24 @@ class RunRecord:
             problems += [f"unknown {', '.join(unknown)}"] if unknown else []
             raise RunRecordError(f"not a training run record: {'; '.join(problems)}")
         record = cls(**d)
-        if added and record.notebook is None:  # figures or rank_table null: to_dict would drop them
-            raise RunRecordError(f"notebook keys {', '.join(added)} with null figures/rank_table")
+        if added and record.addition is None:  # figures or rank_table null: to_dict would drop them
+            raise RunRecordError(f"added keys {', '.join(added)} with null figures/rank_table")
         return record
 
-    def with_notebook(self, launch: str, ceiling: dict, figures: list[str]) -> RunRecord:
-        """This record with notebook 04's additions.
+    @classmethod
+    def read(cls, path: str | Path) -> RunRecord:
+        """The record in the ``metrics.json`` at ``path``; any error names the file."""
+        try:
+            return cls.from_dict(read_json(path, expect=dict))
+        except RunRecordError as err:
+            raise RunRecordError(f"{path}: {err}") from None
+
+    def with_ceiling(self, launch: str, ceiling: dict, figures: list[str]) -> RunRecord:
+        """This record with the launch mode, the synthetic-data ceiling and its figures.
 
         Args:
             launch: how the ranks were started (``LaunchConfig.mode``).
-            ceiling: ``run_report.ceiling_metrics(...)``, exactly its keys.
+            ceiling: ``chexlib.report.training.ceiling_metrics(...)``, exactly its keys.
             figures: file names of the figures saved beside the record.
         """
         if sorted(ceiling) != sorted(CEILING_KEYS):
@@ -162,10 +195,14 @@ class RunRecord:
         return dataclasses.replace(self, launch=launch, figures=list(figures), **ceiling)
 
     def with_rank_table(self, launch: str, rank_table: list[dict]) -> RunRecord:
-        """This record with notebook 04b's additions: the launch and one row per rank."""
+        """This record with the launch mode and one row per rank (an interactive launch)."""
         if not launch:
             raise RunRecordError("launch mode is empty")
         return dataclasses.replace(self, launch=launch, rank_table=list(rank_table))
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING
 
 
 def is_training_record(metrics: dict) -> bool:

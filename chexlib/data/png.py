@@ -68,11 +68,6 @@ def decode_grayscale(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise OSError(f"{name}: cannot decode image ({err})") from err
 
 
-def describe_layout(path: str | Path) -> str:
-    """A short name of how a file is stored, e.g. ``"L"`` or ``"RGBA"``."""
-    with Image.open(path) as img:
-        return img.mode
-
 
 # --- checking a file the way training decodes it -----------------------------
 

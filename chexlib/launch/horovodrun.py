@@ -310,7 +310,6 @@ def run_horovodrun(
         LaunchError: non-zero exit, with the end of the output; or ``timeout``
             passed: the ranks still running are named and killed.
     """
-    from chexlib.core.files import read_json
 
     command = horovodrun_command(config, np, hosts)
     unbuffered = {"PYTHONUNBUFFERED": "1"} if log else {}  # ranks print each line at once
@@ -349,4 +348,4 @@ def run_horovodrun(
     if proc.returncode != 0:
         tail = "\n".join([*out, *err][-40:])
         raise LaunchError(f"exit status {proc.returncode}: {' '.join(command)}\n{tail}")
-    return RunRecord.from_dict(read_json(Path(config.out) / "metrics.json"))
+    return RunRecord.read(Path(config.out) / "metrics.json")

@@ -157,20 +157,6 @@ def normalize(gray: tf.Tensor, model: str) -> tf.Tensor:
     return tf.ensure_shape(out, gray.shape[:-1].concatenate([3]))
 
 
-def normalize_gray(resized: tf.Tensor, model: str, training: bool, seed=None) -> tf.Tensor:
-    """``uint8 [S, S, 1]`` -> ``float32 [S, S, 3]``: flip (training), normalise once, replicate.
-
-    Args:
-        resized: output of :func:`resize_gray`.
-        model: picks the normalisation (:func:`normalization_for`).
-        training: flip left-right at random (never in evaluation).
-        seed: shape-[2] integer seed of a stateless (reproducible) flip; None
-            uses TensorFlow's stateful random flip.
-    """
-    flip = flip_decision(seed) if training else tf.constant(False)
-    return parse_batch(resized, flip, model, training)
-
-
 def parse_element(gray: tf.Tensor, image_size: int, training: bool, seed=None):
     """The per-element half of preprocessing: ``uint8 [H, W, 1]`` -> ``(uint8 [S, S, 1],
     flip)``: resized (:func:`resize_gray`) and this image's flip drawn (training only;

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from chexlib.data.fingerprint import file_stamp
 from chexlib.data.metadata import LABELS, SPLITS, DataError
 from chexlib.pipeline.config import AUTOTUNE, PipelineConfig
-from chexlib.records.read import list_shards, read_manifest
+from chexlib.records.manifest import manifest_if_any, read_manifest
+from chexlib.records.read import list_shards
 
 
 def split_table(metadata, split: str):
@@ -55,10 +57,8 @@ def raw_items(metadata, split: str, cfg: PipelineConfig) -> tf.data.Dataset:
 
 def record_format(records_dir) -> str | None:
     """``"png"``, ``"jpeg"`` or ``"raw"`` from the records' manifest; None if it does not say."""
-    try:
-        return read_manifest(records_dir).get("format")
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    manifest = manifest_if_any(records_dir)
+    return manifest.get("format") if manifest else None
 
 
 def record_files(records_dir, split: str) -> list[str]:
@@ -109,15 +109,6 @@ def cache_file(cfg: PipelineConfig, source: str, split: str, inputs: list[str]) 
     return str(folder / name)
 
 
-def _file_stamp(path: str) -> str:
-    """``path size mtime_ns``: changes when the file is replaced or rewritten (no pixel read)."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return f"{path} missing"  # reading it fails later, naming the file
-    return f"{path} {st.st_size} {st.st_mtime_ns}"
-
-
 def cache_inputs(source: str, split: str, metadata, records_dir) -> list[str]:
     """What a cache depends on (it holds images, labels and names).
 
@@ -132,12 +123,9 @@ def cache_inputs(source: str, split: str, metadata, records_dir) -> list[str]:
         rows = split_table(metadata, split)
         digest = hashlib.sha256(rows[list(LABELS)].to_numpy(dtype=np.float32).tobytes())
         digest.update("\n".join(rows["image"].astype(str)).encode())
-        return [f"labels {digest.hexdigest()}", *map(_file_stamp, rows["path"].astype(str))]
-    try:
-        key = str(read_manifest(records_dir).get("key", ""))
-    except (OSError, ValueError):
-        key = ""
-    return [key, *map(_file_stamp, record_files(records_dir, split))]
+        return [f"labels {digest.hexdigest()}", *map(file_stamp, rows["path"].astype(str))]
+    key = str(read_manifest(records_dir).get("key", ""))
+    return [key, *map(file_stamp, record_files(records_dir, split))]
 
 
 def count_examples(
@@ -169,11 +157,10 @@ def count_examples(
 
 def _records_per_file(records_dir, files: list[str]) -> dict[str, int]:
     """Records per shard file, from the manifest (counted by reading when it does not say)."""
-    try:
-        shards = read_manifest(records_dir).get("shards", [])
-        known = {str(Path(records_dir) / s["file"]): int(s["records"]) for s in shards}
-    except (OSError, ValueError, KeyError):
-        known = {}
+    shards = read_manifest(records_dir)["shards"]
+    known = {
+        str(Path(records_dir) / s["file"]): int(s["records"]) for s in shards if "records" in s
+    }
     return {f: known[f] if f in known else _count_records(f) for f in files}
 
 

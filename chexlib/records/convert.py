@@ -41,26 +41,24 @@ import os
 import queue
 import shutil
 import socket
-import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chexlib.core.flags import add_flags, config_from_args, option
-from chexlib.data.metadata import MODEL_INPUT_SIZE, SPLITS, DataError, load_metadata
+from chexlib.data.fingerprint import metadata_fingerprint
+from chexlib.data.metadata import MODEL_INPUT_SIZE, SPLITS, load_metadata
+from chexlib.records.manifest import MANIFEST, STATE_DIR
 from chexlib.records.schema import SCHEMA, SCHEMA_VERSION
 from chexlib.records.shards import (
     COMPACT_FORMATS,
     DEFAULT_COMPACT_FORMAT,
     LOCK,
-    MANIFEST,
     RESAMPLE,
-    STATE_DIR,
     VARIANTS,
     ConvertSettings,
     RecordsError,
-    dataset_fingerprint,
     init_worker,
     plan_shards,
     write_shard,
@@ -78,7 +76,7 @@ def run_state(settings: ConvertSettings, df, data_dir) -> dict:
 
     Kept in ``.convert/settings.json``: a rerun with the same key resumes.
     """
-    fingerprint = dataset_fingerprint(df)
+    fingerprint = metadata_fingerprint(df)
     return {
         "key": _sha256_json({"settings": settings.to_dict(), "fingerprint": fingerprint}),
         "settings": settings.to_dict(),
@@ -459,16 +457,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``chexlib convert DATA_DIR OUT_DIR``: convert (or resume) and print the totals."""
     config = config_from_args(ConvertCommand, args)
-    try:
-        # the fields are convert()'s keyword arguments, by construction
-        manifest = convert(**asdict(config))
-    except (DataError, ValueError, BrokenExecutor) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, permission denied, OUT_DIR is a file ...
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
-        return 2
+    manifest = convert(**asdict(config))  # the fields are convert()'s keyword arguments
     print(f"{config.out_dir}: {manifest['variant']} records (image/format {manifest['format']!r})")
     for split, t in manifest["splits"].items():
         print(

@@ -24,34 +24,30 @@ The records modules, in the order the data flows:
   written without TensorFlow.
 - :mod:`chexlib.records.shards`: the settings of a conversion and the worker
   process that writes one shard.
+- :mod:`chexlib.records.manifest`: the finished set's ``manifest.json``, read
+  in one place.
 - :mod:`chexlib.records.convert`: :func:`convert`, the parallel, resumable
   driver, its manifest and ``chexlib convert`` (folder layout in its docstring).
 - this module: the TensorFlow side (:func:`feature_spec`, :func:`parse_example`),
-  :func:`read_manifest` and :func:`list_shards` for the input pipelines, and
+  :func:`list_shards` for the input pipelines, and
   :func:`verify_records` behind ``chexlib verify-records``.
 
-``chexlib.records.read`` stays the one name to import: ``chexlib.cli.main`` loads it for
-both ``convert`` and ``verify-records``, and benchmarks, notebooks and tests
-call ``records.convert`` and read ``records.SCHEMA``, so those are
-re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from chexlib.core.flags import add_flags, config_from_args, option
-from chexlib.data.metadata import LABELS, SPLITS, DataError, load_metadata
+from chexlib.data.fingerprint import metadata_fingerprint
+from chexlib.data.metadata import LABELS, SPLITS, load_metadata
+from chexlib.records.manifest import read_manifest
 from chexlib.records.shards import (
-    MANIFEST,
-    STATE_DIR,
     RecordsError,
-    dataset_fingerprint,
     sha256_file,
 )
 
@@ -82,30 +78,6 @@ def parse_example(serialized):
 
 
 # --- reading ----------------------------------------------------------------------
-
-
-def read_manifest(records_dir) -> dict:
-    """The ``manifest.json`` of a finished conversion.
-
-    Raises:
-        FileNotFoundError: no manifest (not a conversion, or not finished yet).
-    """
-    from chexlib.core.files import read_json
-
-    path = Path(records_dir) / MANIFEST
-    if not path.is_file():
-        hint = (
-            (
-                " (a conversion was started here but has not finished: rerun the same "
-                "`chexlib convert` command to resume it)"
-            )
-            if (Path(records_dir) / STATE_DIR).is_dir()
-            else ""
-        )
-        raise FileNotFoundError(
-            f"{records_dir}: no {MANIFEST}; not a finished chexlib conversion{hint}"
-        )
-    return read_json(path)
 
 
 def list_shards(records_dir, split: str) -> list[str]:
@@ -278,7 +250,7 @@ def verify_records(
         data_dir, val_fraction=settings["val_fraction"], seed=settings["seed"], allow_missing=True
     )
     report = VerifyReport(str(out))
-    if dataset_fingerprint(df) != manifest["source"]["fingerprint"]:
+    if metadata_fingerprint(df) != manifest["source"]["fingerprint"]:
         report.notes.append(
             "the dataset's fingerprint (CSV, lists, file sizes and times) differs from the "
             "converted one; records are checked against the metadata as it is now"
@@ -337,13 +309,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``chexlib verify-records OUT_DIR --data DATA_DIR``: exit 0 only when nothing differs."""
     config = config_from_args(VerifyRecordsCommand, args)
-    try:
-        report = verify_records(
-            config.out_dir, config.data, decode=config.decode, progress=config.progress
-        )
-    except (OSError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = verify_records(
+        config.out_dir, config.data, decode=config.decode, progress=config.progress
+    )
     for split, t in report.splits.items():
         print(f"  {split:<5} {t['records']:>7} records read, {t['expected']:>7} expected")
     for note in report.notes:

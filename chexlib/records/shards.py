@@ -10,7 +10,7 @@ sizes differ by at most one (:func:`plan_shards`). A worker writes a whole
 shard under a temporary name in ``.convert/`` and renames it when complete,
 then writes the shard's sidecar (:func:`write_shard`). A rerun reuses a shard
 only when its sidecar carries the same run key (settings + source
-fingerprint, :func:`dataset_fingerprint`) and the file's sha256 still
+fingerprint, :func:`chexlib.data.fingerprint.metadata_fingerprint`) and the file's sha256 still
 matches.
 
 Every source image is fully decoded (:func:`encode_image`), in both
@@ -20,7 +20,6 @@ variants, so a missing or corrupt file stops the shard with its name; with
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import math
@@ -33,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from chexlib.core.files import fsync_dir
 from chexlib.data.metadata import LABELS, MODEL_INPUT_SIZE, SPLITS, DataError
+from chexlib.records.manifest import STATE_DIR
 from chexlib.records.schema import SCHEMA_VERSION, encode_example, frame_record
 
 VARIANTS = ("png", "compact")
@@ -43,8 +44,6 @@ COMPACT_FORMATS = ("raw", "jpeg")
 # overhead included), with no loss after the resize, for 64 KiB vs ~9 KiB per image.
 DEFAULT_COMPACT_FORMAT = "raw"
 RESAMPLE = "PIL LANCZOS, reducing_gap=2.0"
-MANIFEST = "manifest.json"
-STATE_DIR = ".convert"
 LOCK = ".convert.lock"  # held (flock) by the one conversion writing into a folder
 
 
@@ -126,30 +125,6 @@ class ConvertSettings:
         if self.shards is not None:
             return min(self.shards, n_images)
         return math.ceil(n_images / self.images_per_shard)
-
-
-def dataset_fingerprint(df) -> str:
-    """sha256 of the metadata files and of every image's name, size and mtime.
-
-    Cheap on 112,120 files (one ``stat`` each) and changes when any listed
-    image or the CSV/split lists change. Copying the dataset without keeping
-    modification times changes it too (the converter then asks for overwrite).
-    """
-    h = hashlib.sha256()
-    csv_path = Path(df.attrs["csv"])
-    for path in (
-        csv_path,
-        csv_path.with_name("train_val_list.txt"),
-        csv_path.with_name("test_list.txt"),
-    ):
-        h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    for image, path in zip(df["image"], df["path"], strict=True):
-        if not isinstance(path, str):  # None/NaN: listed but missing (skip_bad)
-            h.update(f"{image}\0missing\n".encode())
-        else:
-            st = os.stat(path)
-            h.update(f"{image}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -272,15 +247,6 @@ def _unique() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (some network file systems)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _reason(err: OSError, path: str) -> str:
     text = str(err)
     return text[len(path) + 2 :] if text.startswith(f"{path}: ") else text
@@ -330,7 +296,7 @@ def _write_records(out: Path, job: ShardJob, settings: ConvertSettings, skip_bad
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out / job.name)
-        _fsync_dir(out)  # the rename itself reaches the disk
+        fsync_dir(out)  # the rename itself reaches the disk
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -14,9 +14,6 @@ publish wrote (listed in :data:`PUBLISHED`) are ever deleted.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,25 +21,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from chexlib.core.files import RecordError, read_json, write_json, write_text_atomic
+from chexlib.core.files import (
+    RecordError,
+    read_json,
+    write_bytes_atomic,
+    write_json,
+    write_text_atomic,
+)
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.core.runs import RecordWarning
+from chexlib.report.figures import SUMMARY_FIGURES
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 # the list, in the docs folder, of the files the last publish wrote there
 PUBLISHED = ".published.json"
-# figure file -> caption, in reading order; a study that lacks one skips it
-FIGURES = {
-    "fig1_2_naive_vs_optimized.png": "Poster figures 1-2: naive vs optimized pipeline, end-to-end training",
-    "fig3_raw_vs_records.png": "Poster figure 3: raw PNG vs TFRecords (both variants), end-to-end training",
-    "fig4_records_gain.png": "Poster figure 4: % gain of records over raw PNG, with the run-to-run noise",
-    "scaling_efficiency.png": "Scaling with Horovod ranks, each rank on its own cores (the poster's, theirs, marked)",
-    "real_vs_synthetic.png": "Real data against the synthetic-data ceiling, measured in the same run",
-    "feeding_projection.png": "PROJECTION: CPU cores one GPU needs to be fed, per input",
-    "pipeline_vs_limit.png": "Pipeline alone against the CPU limit",
-    "simulated_utilization.png": "SIMULATED accelerator utilization, naive vs optimized",
-}
 
 
 class PublishError(RuntimeError):
@@ -144,9 +137,10 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
         throughput_table(training),
         "",
     ]
-    for name, caption in FIGURES.items():
-        if (summary_dir / name).is_file():  # publish() copies exactly these
-            parts += [f"**{caption}**", "", f"![{caption}]({(rel_docs / name).as_posix()})", ""]
+    for figure in SUMMARY_FIGURES:  # in reading order; publish() copies exactly these
+        if (summary_dir / figure.file).is_file():
+            image = (rel_docs / figure.file).as_posix()
+            parts += [f"**{figure.caption}**", "", f"![{figure.caption}]({image})", ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -184,12 +178,14 @@ def publish(summary_dir, readme="README.md", docs_dir="docs/results") -> list[Pa
         raise PublishError(f"{readme}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     head, tail = split_readme(text, readme)
     block = escape_markers(results_block(summary_dir, docs_dir, readme.parent))
-    names = [name for name in FIGURES if (summary_dir / name).is_file()]
+    names = [f.file for f in SUMMARY_FIGURES if (summary_dir / f.file).is_file()]
     docs_dir.mkdir(parents=True, exist_ok=True)
     earlier = published_files(docs_dir)
     # Listed before copying, so files of an interrupted publish are known as ours.
     write_json(docs_dir / PUBLISHED, {"files": sorted({*earlier, *names})})
-    written = [_copy_atomic(summary_dir / name, docs_dir / name) for name in names]
+    written = [
+        write_bytes_atomic(docs_dir / name, (summary_dir / name).read_bytes()) for name in names
+    ]
     write_text_atomic(readme, f"{head}{BEGIN}\n{block}{END}{tail}")
     for name in sorted(set(earlier) - set(names)):  # figures of an earlier study must not linger
         with contextlib.suppress(FileNotFoundError):
@@ -220,20 +216,6 @@ def published_files(docs_dir: Path) -> list[str]:
         for f in files
         if isinstance(f, str) and f == Path(f).name and not f.startswith(".") and f != PUBLISHED
     ]
-
-
-def _copy_atomic(source: Path, target: Path) -> Path:
-    """Copy ``source`` to ``target`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copy2(source, tmp)  # with the source's mode and times
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
 
 
 @dataclass(frozen=True)

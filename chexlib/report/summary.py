@@ -27,6 +27,7 @@ from chexlib.core.reference import (
 from chexlib.core.run_record import RunRecord, RunRecordError, is_training_record
 from chexlib.core.runs import collect_runs
 from chexlib.data.metadata import LABELS
+from chexlib.records.manifest import manifest_if_any
 
 INPUT_ORDER = ["raw PNG", "png-records", "compact-records", "synthetic"]
 MODEL_ORDER = ["standin", "densenet121", "resnet50", "tiny"]
@@ -45,12 +46,8 @@ def _input_name(params: dict, source: str) -> str:
     if source != "records":
         return "raw PNG"
     records_dir = (params.get("train") or {}).get("records") or ""
-    manifest = Path(records_dir) / "manifest.json"
-    if manifest.is_file():
-        from chexlib.core.files import read_json
-
-        return f"{read_json(manifest).get('variant', 'png')}-records"
-    return "records"
+    manifest = manifest_if_any(records_dir) if records_dir else None
+    return f"{manifest.get('variant', 'png')}-records" if manifest else "records"
 
 
 def _paired_spread(run: RunRecord) -> tuple[float | None, float | None]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from chexlib.core.files import read_json
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+REPO = Path(__file__).resolve().parents[2]  # the checkout: chexlib/study/notebook.py
+NOTEBOOK_DIR = REPO / "notebooks"
 KERNEL = "chexlib"  # registered by tools/setup_env.sh (ipykernel install --sys-prefix)
 
 

@@ -53,8 +53,8 @@ import yaml
 
 from chexlib.core.files import read_json, write_json, write_text_atomic
 from chexlib.core.flags import add_flags, config_from_args, option
+from chexlib.study.notebook import REPO, run_notebook
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUTS = REPO / "outputs"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -347,8 +347,6 @@ def execute(run: Run, html: bool = True, log_output: bool = False) -> None:
     Horovod ranks) is killed when the run takes longer: papermill then fails
     and this raises :class:`RunTimeout`, so a hung rank cannot stall a study.
     """
-    from chexlib.study.notebook import run_notebook
-
     run.run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "stage": run.stage,

@@ -28,7 +28,6 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chexlib.core.files import write_bytes_atomic, write_text_atomic
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.data.metadata import LABELS, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
 from chexlib.synth.image import BOXED, encode_png, finding_boxes, render_image
@@ -76,10 +76,9 @@ def _write_one(task: tuple) -> int:
     """Render and write one image atomically; returns its size in bytes."""
     path, findings, size, seed, index, patient, view, gender = task
     data = encode_png(render_image(findings, size, seed, index, patient, view, gender))
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)  # a killed run never leaves a truncated PNG behind
+    # a killed run never leaves a truncated PNG behind; no fsync: a generated set is
+    # regenerated (thousands of small files would each wait for the disk)
+    write_bytes_atomic(path, data, sync=False)
     return len(data)
 
 
@@ -108,7 +107,7 @@ def write_boxes(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(BBOX_HEADER)
     writer.writerows(rows)
-    _write_text(out / BBOX_NAME, buf.getvalue())
+    write_text_atomic(out / BBOX_NAME, buf.getvalue())
     return len(rows)
 
 
@@ -150,7 +149,7 @@ def _claim(out: Path, args: dict) -> None:
             stale.unlink()
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / MANIFEST, json.dumps(args, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(out / MANIFEST, json.dumps(args, indent=2, sort_keys=True) + "\n")
     (out / "images").mkdir(exist_ok=True)
 
 
@@ -176,12 +175,6 @@ def _check_manifest(out: Path, args: dict) -> None:
         )
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_tables(out: Path, meta: pd.DataFrame, is_test: np.ndarray) -> None:
     """Write the CSV and the two split lists (only those missing: they are deterministic)."""
     if not (out / CSV_NAME).is_file():
@@ -190,11 +183,11 @@ def write_tables(out: Path, meta: pd.DataFrame, is_test: np.ndarray) -> None:
         writer.writerow(CSV_HEADER)
         for row in meta[list(CSV_COLUMNS)].itertuples(index=False, name=None):
             writer.writerow((*row, ""))  # the real rows end with a comma too
-        _write_text(out / CSV_NAME, buf.getvalue())
+        write_text_atomic(out / CSV_NAME, buf.getvalue())
     names = meta["Image Index"].to_numpy()
     for list_name, chosen in ((TRAIN_VAL_LIST, ~is_test), (TEST_LIST, is_test)):
         if not (out / list_name).is_file():
-            _write_text(out / list_name, "".join(f"{n}\n" for n in sorted(names[chosen])))
+            write_text_atomic(out / list_name, "".join(f"{n}\n" for n in sorted(names[chosen])))
 
 
 def _tasks(out: Path, meta: pd.DataFrame, args: dict, every: bool = False) -> list[tuple]:
@@ -331,19 +324,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``chexlib synth OUT_DIR``: generate (or finish) a dataset and print its summary."""
     config = config_from_args(SynthCommand, args)
-    try:
-        summary = generate(
-            config.out_dir,
-            n_images=config.images,
-            size=config.size,
-            seed=config.seed,
-            workers=config.workers,
-            test_fraction=config.test_fraction,
-            progress=config.progress,
-        )
-    except (FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = generate(
+        config.out_dir,
+        n_images=config.images,
+        size=config.size,
+        seed=config.seed,
+        workers=config.workers,
+        test_fraction=config.test_fraction,
+        progress=config.progress,
+    )
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}")

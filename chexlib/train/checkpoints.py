@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chexlib.core.run_record import RunRecord
+from chexlib.data.fingerprint import metadata_fingerprint, shards_fingerprint
+from chexlib.records.manifest import read_manifest
 from chexlib.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"  # the folder under --out
@@ -72,35 +74,14 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 
 def data_fingerprint(config: TrainConfig, metadata=None) -> str | None:
-    """sha256 of the data a run reads, cheap to compute (one ``stat`` per file).
-
-    Raw source: the metadata files (CSV and split lists) and each listed
-    image's name and size. Records source: the manifest's shard list (names,
-    record counts, sha256) and each shard's size on disk. None for synthetic
-    data without a dataset. File times are left out, so a copied dataset
-    still resumes.
-    """
-    import hashlib
-
-    digest = hashlib.sha256()
+    """The fingerprint of the data a run reads (:mod:`chexlib.data.fingerprint`, one
+    ``stat`` per file): the records' shard set, or the raw dataset's metadata and
+    images; None for synthetic data without a dataset."""
     if config.source == "records" and config.records:
-        from chexlib.records import read
-
-        for shard in read.read_manifest(config.records)["shards"]:
-            size = (Path(config.records) / shard["file"]).stat().st_size
-            keys = (shard["file"], shard["records"], shard.get("sha256"), size)
-            digest.update("\0".join(map(str, keys)).encode() + b"\n")
-        return digest.hexdigest()
+        return shards_fingerprint(config.records, read_manifest(config.records))
     if metadata is None:
         return None
-    csv_path = Path(metadata.attrs["csv"])
-    for name in (csv_path.name, "train_val_list.txt", "test_list.txt"):
-        data = (csv_path.parent / name).read_bytes()
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    for image, path in zip(metadata["image"], metadata["path"], strict=True):
-        size = os.stat(path).st_size if isinstance(path, str) else "missing"
-        digest.update(f"{image}\0{size}\n".encode())
-    return digest.hexdigest()
+    return metadata_fingerprint(metadata)
 
 
 def settings_once(config: TrainConfig, ranks: int, metadata=None) -> Callable[[], dict]:

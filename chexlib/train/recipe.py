@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -117,23 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``chexlib train``: one Horovod rank (run it under horovodrun for N ranks)."""
-    from chexlib.data.metadata import DataError
-    from chexlib.train.models import WeightsError
-
-    try:
-        config = config_from_args(args)
-        record = train(config)
-    except (ValueError, DataError, WeightsError, FileExistsError, FileNotFoundError) as err:
-        print(f"chexlib train: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - a peer's failure surfaces here; say so, exit non-zero
-        if type(err).__name__ == "HorovodInternalError":
-            print(
-                f"chexlib train: a Horovod collective failed (another rank died?): {err}",
-                file=sys.stderr,
-            )
-            return 1
-        raise
+    record = train(config_from_args(args))
     if record.rank == 0:
         print(summary_text(record))
     return 0
