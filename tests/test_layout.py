@@ -155,6 +155,19 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
+def test_an_import_inside_a_function_says_why():
+    """A chexlib import inside a function is there for a reason (it would load
+    TensorFlow, or close a cycle): a comment on it or just above says which."""
+    silent = []
+    for path in MODULES.values():
+        lines = path.read_text().splitlines()
+        for line, target, inside in imports(path):
+            said = "#" in lines[line - 1] or lines[line - 2].strip().startswith("#")
+            if inside and target.startswith("chexlib") and not said:
+                silent.append(f"{_where(path)}:{line}: {lines[line - 1].strip()}")
+    assert not silent, "imports inside functions without a reason:\n" + "\n".join(silent)
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []

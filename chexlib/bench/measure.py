@@ -44,6 +44,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from chexlib.bench.config import BenchConfig
+from chexlib.bench.paired import paired_rounds
 from chexlib.bench.peers import PEERS
 from chexlib.bench.timing import (
     Timing,
@@ -52,10 +53,14 @@ from chexlib.bench.timing import (
     single_core_rate,
     time_batches,
 )
-from chexlib.core.files import write_json
+from chexlib.core.files import read_json, write_json
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.core.machine import environment_info, usable_cores
-from chexlib.pipeline import config, sources
+from chexlib.pipeline import config, sources, spng
+from chexlib.pipeline.dataservice import start_local_service
+from chexlib.pipeline.decode import decode_png_gray, drain_python_calls
+from chexlib.records import read
+from chexlib.report.benchmarks import describe
 
 # --- timing ------------------------------------------------------------------------
 
@@ -84,8 +89,6 @@ def measure(
     stop, service = (lambda: None), None
     try:
         if cfg.data_service_workers and cfg.pipeline not in PEERS:
-            from chexlib.pipeline.dataservice import start_local_service
-
             service = start_local_service(cfg.data_service_workers)
         next_batch, stop = pipeline_batches(cfg, metadata, service.address if service else None)
         timing = time_batches(
@@ -110,8 +113,6 @@ def measure(
         if record["cpu_ms_per_image"]:
             record["cpu_ms_per_image_over_fastest_decoder"] = record["cpu_ms_per_image"] / fastest
     if cfg.paired_with:
-        from chexlib.bench.paired import paired_rounds
-
         record["paired"] = paired_rounds(cfg, cfg.paired_with, metadata)
     return record
 
@@ -129,7 +130,6 @@ def reference_rates(cfg: BenchConfig, metadata, decoder_images: int = 48) -> dic
       alone (TensorFlow's, and libspng's when installed), one thread, the best
       of three passes over ``decoder_images`` files held in memory.
     """
-    from chexlib.pipeline import spng
 
     paths = sources.split_table(metadata, cfg.split)["path"].tolist()
     size = [cfg.image_size, cfg.image_size]
@@ -177,7 +177,6 @@ def reference_rates(cfg: BenchConfig, metadata, decoder_images: int = 48) -> dic
 def _decode_in_tf_data(cfg: BenchConfig, paths: list[str], decoder: str) -> float:
     """CPU ms per image of reading and decoding alone in a parallel tf.data map (no resize,
     flip or normalisation; batched, prefetched): the floor of any pipeline with ``decoder``."""
-    from chexlib.pipeline.decode import decode_png_gray, drain_python_calls
 
     def decode(path):  # a scalar out: the decoded image is not copied into the batch
         return tf.reduce_max(decode_png_gray(tf.io.read_file(path), decoder))
@@ -233,8 +232,6 @@ def _variant(cfg: BenchConfig) -> str:
     if cfg.source == "raw":
         return "raw"
     try:
-        from chexlib.records import read
-
         return read.read_manifest(cfg.records_dir).get("variant", "records")
     except (ImportError, OSError, ValueError):
         return "records"
@@ -260,7 +257,6 @@ class BenchPipelineCommand:
 
     def device_rate(self) -> float | None:
         """``device_times`` x the reference record's single-core images/s; None without."""
-        from chexlib.core.files import read_json
 
         if self.device_times is None:
             return None
@@ -281,7 +277,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """``chexlib bench-pipeline``: time one pipeline, print it, optionally write JSON."""
-    from chexlib.report.benchmarks import describe
 
     command = config_from_args(BenchPipelineCommand, args)
     cfg = config_from_args(BenchConfig, args)

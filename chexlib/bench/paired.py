@@ -23,7 +23,10 @@ import statistics
 def _timed_round(cfg, metadata, warmup: int, batches: int) -> tuple[float, float]:
     """(images/s, CPU ms per image) of one fresh pipeline: ``warmup`` batches, then
     ``batches`` batches timed as one window (their total, not a median)."""
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.bench.timing import pipeline_batches, time_batches
+
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.decode import drain_python_calls
 
     next_batch, stop = pipeline_batches(cfg, metadata)

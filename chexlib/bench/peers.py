@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from chexlib.core.machine import usable_cores
 from chexlib.data.metadata import LABELS
+from chexlib.data.png import read_grayscale
 from chexlib.pipeline import builders, sources
 
 PEERS = ("keras-sequence", "keras-directory")
@@ -73,7 +74,6 @@ class PngSequence(tf.keras.utils.Sequence):
         return n // self.batch_size if self.training else math.ceil(n / self.batch_size)
 
     def __getitem__(self, index: int):
-        from chexlib.data.png import read_grayscale
 
         picks = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         rng = np.random.default_rng((self.seed, self.epoch, index))

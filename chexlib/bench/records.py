@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from chexlib.core.flags import add_flags, config_from_args, option
+from chexlib.core.machine import environment_info
 from chexlib.data.metadata import MODEL_INPUT_SIZE, load_metadata
 from chexlib.records import convert, read, shards
 from chexlib.records.manifest import MANIFEST, read_manifest
@@ -100,7 +101,10 @@ def decode_cost(source, size: int = MODEL_INPUT_SIZE, n: int = 200, repeats: int
     """
     import tensorflow as tf
 
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.builders import decode_gray
+
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.decode import resize_gray
 
     source = Path(source)
@@ -374,7 +378,6 @@ def run(args) -> int:
     """``chexlib bench-records``: convert with each variant and worker count, time it."""
     config = config_from_args(BenchRecordsCommand, args)
     study = config.study()
-    from chexlib.core.machine import environment_info
 
     env = environment_info(with_gpus=False)
     print(f"{env['cpu_count']} usable cores ({env['cpu']}); load average before: {os.getloadavg()}")

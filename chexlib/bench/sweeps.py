@@ -29,8 +29,10 @@ from chexlib.bench.measure import measure
 from chexlib.bench.peers import PEERS
 from chexlib.bench.timing import metadata_for, single_core_rate
 from chexlib.core.machine import usable_cores
-from chexlib.data.metadata import MODEL_INPUT_SIZE
+from chexlib.data.metadata import CSV_NAMES, MODEL_INPUT_SIZE
 from chexlib.pipeline import config
+from chexlib.records import convert
+from chexlib.synth.generate import generate
 
 # --- the profiling notebook's parameters ------------------------------------------------
 
@@ -147,12 +149,9 @@ def prepare_sources(cfg: ProfileConfig, progress: bool = True) -> dict[str, dict
     Returns:
         name -> ``{"source", "data_dir", "records_dir"}`` for each of ``cfg.sources``.
     """
-    from chexlib.data.metadata import CSV_NAMES
 
     data_dir = Path(cfg.data_dir)
     if cfg.generate and not any((data_dir / n).is_file() for n in CSV_NAMES):
-        from chexlib.synth.generate import generate
-
         generate(
             data_dir, n_images=cfg.n_images, size=cfg.source_size, seed=cfg.seed, progress=progress
         )
@@ -160,8 +159,6 @@ def prepare_sources(cfg: ProfileConfig, progress: bool = True) -> dict[str, dict
     for name in cfg.sources:
         spec = {"source": "raw", "data_dir": str(data_dir), "records_dir": None}
         if name.startswith("records-"):
-            from chexlib.records import convert
-
             variant = name.removeprefix("records-")
             records_dir = Path(cfg.output_dir) / name
             extra = {"size": cfg.records_size} if variant == "compact" else {}

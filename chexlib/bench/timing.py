@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from chexlib.bench.config import SIMULATED, BenchConfig
 from chexlib.bench.peers import PEERS, keras_directory_batches, peer_batches, png_sequence
+from chexlib.data.metadata import load_metadata
 from chexlib.pipeline import builders
 
 
@@ -130,7 +131,6 @@ def metadata_for(cfg: BenchConfig, metadata=None):
     """The dataset table of a raw-source measurement: ``metadata`` if given, else loaded."""
     if metadata is not None or cfg.source != "raw":
         return metadata
-    from chexlib.data.metadata import load_metadata
 
     return load_metadata(cfg.data_dir)
 

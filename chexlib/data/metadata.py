@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from chexlib.core.flags import add_flags, config_from_args, option
+from chexlib.data.png import BadImage, read_png
 
 # The 14 findings in the order of the CheXNet paper, spelled as in the NIH CSV.
 LABELS: tuple[str, ...] = (
@@ -432,7 +433,6 @@ class ValidationReport:
 
 def _check_one(path: str) -> tuple[str, str | None, bool]:
     """Check one file as training decodes it; return (layout, error, missing)."""
-    from chexlib.data.png import BadImage, read_png
 
     try:
         return read_png(path)[1], None, False

@@ -55,8 +55,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chexlib.core.files import read_json, write_json
 from chexlib.core.flags import add_flags, config_from_args, option
-from chexlib.data.metadata import LABELS
+from chexlib.data.metadata import LABELS, load_metadata
+from chexlib.train.models import HEAD_NAME, PIPELINE_MODEL, build_model
 
 BBOX_NAME = "BBox_List_2017.csv"
 # NIH's box list spells one finding differently from Data_Entry_2017.csv.
@@ -343,8 +345,6 @@ def overlay(gray: np.ndarray, heat: np.ndarray, box=None, title: str = "", side:
 
 def load_run_model(run_dir: str | Path):
     """``(model, params)`` of a trained run: its architecture from params.json, weights from its checkpoint."""
-    from chexlib.core.files import read_json
-    from chexlib.train.models import build_model
 
     run_dir = find_run(run_dir)
     params = read_json(run_dir / "params.json", expect=dict)
@@ -364,8 +364,6 @@ def last_conv_layer(net) -> str:
 def cam_model(net, layer: str = ""):
     """A model from the input to (the feature maps of ``layer``, the head's input)."""
     import tensorflow as tf
-
-    from chexlib.train.models import HEAD_NAME
 
     try:
         features = net.get_layer(layer or last_conv_layer(net)).output
@@ -474,8 +472,6 @@ def heatmaps(
     """
     import tensorflow as tf
 
-    from chexlib.train.models import HEAD_NAME
-
     cams = cam_model(net, layer) if cams is None else cams
     head = net.get_layer(HEAD_NAME)
     images = tf.convert_to_tensor(images, tf.float32)
@@ -513,9 +509,11 @@ def load_images(paths, size: int, model: str) -> tuple[np.ndarray, np.ndarray, l
     """
     import tensorflow as tf
 
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.builders import normalize
+
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.decode import decode_png_gray, resize_gray
-    from chexlib.train.models import PIPELINE_MODEL
 
     grays, stored = [], []
     for path in paths:
@@ -605,8 +603,6 @@ def explain(config: ExplainConfig, progress: bool = False) -> dict:
     ``localization.csv`` (one row per boxed finding: box and peak in model
     input pixels, hit, IoU, box share of the image) and ``localization.json``.
     """
-    from chexlib.core.files import write_json
-    from chexlib.data.metadata import load_metadata
 
     net, params = load_run_model(config.run)
     size, model = int(params["image_size"]), params["model"]

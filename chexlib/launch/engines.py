@@ -34,6 +34,7 @@ from chexlib.launch.processes import (
     warn_exposed,
 )
 from chexlib.launch.rank_log import RankLog, echo_engines
+from chexlib.train.recipe import train
 
 # --- run on the engines ------------------------------------------------------------------
 
@@ -239,7 +240,6 @@ class HorovodCluster:
             LaunchError: a rank raised or died (named, the others stopped), or
                 ``timeout`` seconds passed (the ranks still running named).
         """
-        from chexlib.train.recipe import train
 
         return self.run(train, config, timeout=timeout, log=log)[0]
 

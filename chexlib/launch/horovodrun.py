@@ -43,6 +43,8 @@ from chexlib.launch.processes import (
     write_note,
 )
 from chexlib.launch.rank_log import RankLog, pump
+from chexlib.train.config import config_to_argv
+from chexlib.train.recipe import train
 
 # --- horovod.run -------------------------------------------------------------------------
 
@@ -218,7 +220,6 @@ def run(
         LaunchError: a rank exited non-zero or raised (the others are
             stopped), or ``timeout`` passed; the message names the rank(s).
     """
-    from chexlib.train.recipe import train
 
     results = run_function(
         train,
@@ -244,7 +245,6 @@ def _tool(name: str) -> str:
 
 def horovodrun_command(config, np: int, hosts: str | None = None) -> list[str]:
     """``horovodrun -np N -H hosts --gloo chexlib train <flags>`` for ``config``."""
-    from chexlib.train.config import config_to_argv
 
     return [
         _tool("horovodrun"),
@@ -261,7 +261,6 @@ def horovodrun_command(config, np: int, hosts: str | None = None) -> list[str]:
 
 def mpirun_command(config, np: int, hosts: str | None = None) -> list[str]:
     """The Open MPI command Horovod documents, for a Horovod built with MPI (not this one)."""
-    from chexlib.train.config import config_to_argv
 
     return [
         "mpirun",

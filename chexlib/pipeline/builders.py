@@ -56,7 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from chexlib.core.names import SOURCES
-from chexlib.data.metadata import LABELS
+from chexlib.data.metadata import LABELS, load_metadata
 from chexlib.pipeline.config import AUTOTUNE, NORMALIZATION, PipelineConfig
 from chexlib.pipeline.decode import (
     decode_png_gray,
@@ -302,8 +302,6 @@ def build_dataset(
             "data_service is for training: service workers do not keep evaluation order"
         )
     if source == "raw" and metadata is None and data_dir is not None:
-        from chexlib.data.metadata import load_metadata
-
         metadata = load_metadata(data_dir)
     items, decode = _items_and_decoder(source, split, cfg, metadata, records_dir)
     cache_file = None

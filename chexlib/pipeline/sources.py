@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from chexlib.data.fingerprint import file_stamp
-from chexlib.data.metadata import LABELS, SPLITS, DataError
+from chexlib.data.metadata import LABELS, SPLITS, DataError, load_metadata
 from chexlib.pipeline.config import AUTOTUNE, PipelineConfig
 from chexlib.records.manifest import manifest_if_any, read_manifest
 from chexlib.records.read import list_shards
@@ -141,8 +141,6 @@ def count_examples(
     """Images one worker sees per pass over ``split`` (steps per epoch = this / batch size)."""
     if source == "raw":
         if metadata is None:
-            from chexlib.data.metadata import load_metadata
-
             metadata = load_metadata(data_dir)
         n = len(split_table(metadata, split))
         return len(range(shard_index, n, num_shards))

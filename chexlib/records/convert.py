@@ -46,7 +46,10 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from chexlib import __version__
+from chexlib.core.files import read_json, write_json
 from chexlib.core.flags import add_flags, config_from_args, option
+from chexlib.core.machine import usable_cores, versions
 from chexlib.data.fingerprint import metadata_fingerprint
 from chexlib.data.metadata import MODEL_INPUT_SIZE, SPLITS, load_metadata
 from chexlib.records.manifest import MANIFEST, STATE_DIR
@@ -139,7 +142,6 @@ def conversion_lock(out: Path):
 
 def _claim(out: Path, state: dict, overwrite: bool) -> None:
     """Make ``out`` ours for this run: resume the same run, refuse (or wipe) another's."""
-    from chexlib.core.files import read_json, write_json
 
     marker = out / STATE_DIR / "settings.json"
     try:
@@ -296,8 +298,6 @@ def _write_all(out: Path, settings, df, state: dict, start, workers, skip_bad, p
     ``start`` is the ``perf_counter`` at the start of :func:`convert`; ``workers``
     is capped at one per shard.
     """
-    from chexlib.core.files import write_json
-    from chexlib.core.machine import usable_cores
 
     jobs = plan_shards(df, settings)
     workers = max(1, min(int(workers or usable_cores()), len(jobs) or 1))
@@ -317,8 +317,6 @@ def build_manifest(
     settings: ConvertSettings, df, fingerprint: str, key: str, infos: list[dict], run: dict
 ) -> dict:
     """The manifest: settings, source, per-shard facts, per-split totals, every skip."""
-    from chexlib import __version__
-    from chexlib.core.machine import versions
 
     order = {s: i for i, s in enumerate(SPLITS)}
     infos = sorted(infos, key=lambda i: (order[i["split"]], i["index"]))

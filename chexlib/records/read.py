@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chexlib.core.files import write_json
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.data.fingerprint import metadata_fingerprint
 from chexlib.data.metadata import LABELS, SPLITS, load_metadata
@@ -322,8 +323,6 @@ def run(args) -> int:
     if len(report.differences) > len(shown):
         print(f"  ... {len(report.differences) - len(shown)} more differences")
     if config.json:
-        from chexlib.core.files import write_json
-
         write_json(config.json, report.to_dict())
     print("PASSED" if report.passed else f"FAILED: {len(report.differences)} difference(s)")
     return 0 if report.passed else 1

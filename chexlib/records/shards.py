@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chexlib.core.files import fsync_dir
+from chexlib.core.files import fsync_dir, read_json, write_json
 from chexlib.data.metadata import LABELS, MODEL_INPUT_SIZE, SPLITS, DataError
+from chexlib.data.png import BadImage, check_png
 from chexlib.records.manifest import STATE_DIR
 from chexlib.records.schema import SCHEMA_VERSION, encode_example, frame_record
 
@@ -197,8 +198,6 @@ def encode_image(path: str, settings: ConvertSettings) -> tuple[bytes, int, int]
     """
     from PIL import Image
 
-    from chexlib.data.png import BadImage, check_png
-
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -228,7 +227,6 @@ def sha256_file(path: Path) -> str:
 
 def _reusable(out: Path, job: ShardJob, key: str, skip_bad: bool) -> dict | None:
     """The sidecar of a finished shard if it belongs to this run and the file is intact."""
-    from chexlib.core.files import read_json
 
     shard, sidecar = out / job.name, out / STATE_DIR / f"{job.name}.json"
     try:
@@ -262,7 +260,6 @@ def write_shard(
     sidecar (run key, records, bytes, sha256, skips) is written; a shard
     without a matching sidecar is never trusted.
     """
-    from chexlib.core.files import write_json
 
     out = Path(out_dir)
     reused = _reusable(out, job, key, skip_bad)

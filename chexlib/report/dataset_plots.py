@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from chexlib.data.metadata import LABELS
+from chexlib.data.png import read_grayscale
 
 
 def plot_prevalence(table: pd.DataFrame, ax=None):
@@ -25,8 +26,6 @@ def plot_prevalence(table: pd.DataFrame, ax=None):
 def plot_samples(df: pd.DataFrame, n: int = 8, seed: int = 0, columns: int = 4):
     """A grid of ``n`` images (with at least one finding where possible) and their labels."""
     import matplotlib.pyplot as plt
-
-    from chexlib.data.png import read_grayscale
 
     sick = df[df[list(LABELS)].sum(axis=1) > 0]
     pool = sick if len(sick) >= n else df

@@ -24,6 +24,7 @@ from chexlib.core.reference import (
     MISSING_RATES,
     POSTER_NODE,
 )
+from chexlib.report.style import INPUT_COLORS
 
 INPUTS = ["raw PNG", "png-records", "compact-records"]
 _VARIANT_NAMES = {"raw": "raw PNG", "png": "png-records", "compact": "compact-records"}
@@ -116,8 +117,6 @@ def _feeds(need: float | None, node: dict) -> bool | None:
 def plot_projection(table: pd.DataFrame, hardware: str):
     """Bars: cores per GPU for each GPU/precision/model and input; node budgets as lines."""
     import matplotlib.pyplot as plt
-
-    from chexlib.report.style import INPUT_COLORS
 
     data = table.dropna(subset=["cores_per_gpu"]).copy()
     data["gpu_label"] = data["gpu"] + " " + data["precision"] + "\n" + data["model"]

@@ -31,6 +31,8 @@ from chexlib.core.files import (
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.core.runs import RecordWarning
 from chexlib.report.figures import SUMMARY_FIGURES
+from chexlib.report.summary import throughput_rows
+from chexlib.report.summary_plots import config_label
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -46,8 +48,6 @@ def throughput_table(training: pd.DataFrame) -> str:
     """Markdown: one row per training configuration (a learning run of the same
     configuration gives way to its throughput run), with its resources, images/s
     and the share of its synthetic ceiling."""
-    from chexlib.report.summary import throughput_rows
-    from chexlib.report.summary_plots import config_label
 
     cols = ["model", "input", "pipeline", "ranks", "images_per_sec"]
     if training.empty or not set(cols) <= set(training.columns):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from chexlib.core.files import read_json
 from chexlib.core.reference import (
     CHEXNET_MEAN_AUROC,
     CHEXNET_TEST_AUROC,
@@ -28,6 +29,7 @@ from chexlib.core.run_record import RunRecord, RunRecordError, is_training_recor
 from chexlib.core.runs import collect_runs
 from chexlib.data.metadata import LABELS
 from chexlib.records.manifest import manifest_if_any
+from chexlib.report.feeding import input_costs, projection
 
 INPUT_ORDER = ["raw PNG", "png-records", "compact-records", "synthetic"]
 MODEL_ORDER = ["standin", "densenet121", "resnet50", "tiny"]
@@ -295,7 +297,6 @@ HAND_STAGE = "by hand"  # the stage of runs made outside a study
 
 
 def _hand_record(run_dir: Path, run_id: str) -> dict:
-    from chexlib.core.files import read_json
 
     params = run_dir / "params.json"
     return {
@@ -357,7 +358,6 @@ def collect_hand_runs(paths, known: list[dict] = ()) -> list[dict]:
 def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
     """Every table the summary needs, from the run records under ``study_dir``
     (None or "": none) and the runs made by hand in ``run_dirs``."""
-    from chexlib.report.feeding import input_costs, projection
 
     records = collect_runs(study_dir) if study_dir else []
     records += collect_hand_runs(run_dirs, known=records)

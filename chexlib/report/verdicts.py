@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from chexlib.core.files import write_json
 from chexlib.core.reference import BIG_NODE, CHEXNET_MEAN_AUROC, POSTER_NODE, POSTER_RECORDS_GAIN
 from chexlib.report.summary import ratio_with_noise, throughput_rows
 
@@ -222,7 +223,6 @@ def verdicts(tables: dict) -> dict:
 
 
 def write_verdicts(result: dict, out_dir: str | Path) -> Path:
-    from chexlib.core.files import write_json
 
     return write_json(Path(out_dir) / "verdicts.json", result)
 

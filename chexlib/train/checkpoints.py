@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chexlib.core.files import read_json, write_json
 from chexlib.core.run_record import RunRecord
 from chexlib.data.fingerprint import metadata_fingerprint, shards_fingerprint
 from chexlib.records.manifest import read_manifest
@@ -123,8 +124,6 @@ def save_checkpoint(
     """
     import tensorflow as tf
 
-    from chexlib.core.files import read_json, write_json
-
     root = out / CHECKPOINTS
     name = f"epoch-{epochs_done:04d}"
     tmp = root / f".tmp-{name}"
@@ -223,8 +222,6 @@ def _load_checkpoint(root: Path, model, optimizer, settings: Callable[[], dict])
     """
     import tensorflow as tf
 
-    from chexlib.core.files import read_json
-
     if not (root / "latest.json").exists():
         return None
     latest = read_json(root / "latest.json")
@@ -245,7 +242,6 @@ def _load_checkpoint(root: Path, model, optimizer, settings: Callable[[], dict])
 
 def _finished_metrics(out: Path, config: TrainConfig, state: dict | None) -> RunRecord | None:
     """Rank 0: the run's metrics.json when ``state`` reached --epochs and wrote it, else None."""
-    from chexlib.core.files import read_json
 
     path = out / "metrics.json"
     if state is None or state["epochs_done"] < config.epochs or not path.is_file():

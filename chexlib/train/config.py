@@ -18,10 +18,10 @@ from chexlib.core import flags
 from chexlib.core.flags import option
 from chexlib.core.names import PIPELINES, SOURCES
 from chexlib.data.metadata import MODEL_INPUT_SIZE
+from chexlib.train.models import MODELS
 
 
 def _models() -> tuple[str, ...]:  # the model list lives with the models (TensorFlow-free import)
-    from chexlib.train.models import MODELS
 
     return tuple(MODELS)
 
@@ -119,7 +119,6 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        from chexlib.train.models import MODELS
 
         def check(ok: bool, message: str):
             if not ok:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from chexlib.data.metadata import load_metadata
 from chexlib.train.config import TrainConfig
+from chexlib.train.models import PIPELINE_MODEL
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -25,13 +27,10 @@ class RankData:
     """The datasets and split sizes one Horovod rank uses."""
 
     def __init__(self, config: TrainConfig, rank: int, size: int):
-        from chexlib.train.models import PIPELINE_MODEL
 
         self.config, self.rank, self.size = config, rank, size
         self.metadata = None
         if config.data and config.source == "raw":
-            from chexlib.data.metadata import load_metadata
-
             self.metadata = load_metadata(config.data, val_fraction=config.val_fraction)
         self.common = {
             "metadata": self.metadata,
@@ -73,6 +72,7 @@ class RankData:
         self, split: str, num_shards: int | None = None, shard_index: int | None = None
     ) -> int:
         """Images of ``split`` one rank reads per pass (default: this rank)."""
+        # here: it loads TensorFlow; importing this module does not
         from chexlib.pipeline import sources
 
         n = self.size if num_shards is None else num_shards
@@ -95,6 +95,7 @@ class RankData:
             untimed: with ``--paired-synthetic``, the steps at the start of this
                 epoch that are not timed (:func:`chexlib.train.callbacks.untimed_steps`).
         """
+        # here: it loads TensorFlow; importing this module does not
         from chexlib.pipeline import builders
 
         if self.config.synthetic:
@@ -116,6 +117,7 @@ class RankData:
 
     def evaluation(self, split: str):
         """Every image of this rank's part of ``split`` once (the last batch may be smaller)."""
+        # here: it loads TensorFlow; importing this module does not
         from chexlib.pipeline import builders
 
         return builders.build_dataset(self.config.source, split, training=False, **self.common)
@@ -134,6 +136,7 @@ def paired_with_synthetic(real, config: TrainConfig, untimed: int | None = None)
     """
     import tensorflow as tf
 
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline import builders
 
     synthetic = builders.synthetic_dataset(config.batch_size, config.image_size, seed=config.seed)

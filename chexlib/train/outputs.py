@@ -17,6 +17,7 @@ import numpy as np
 
 from chexlib.core.machine import environment_info
 from chexlib.core.run_record import RunRecord
+from chexlib.core.runs import write_run_record
 from chexlib.data.metadata import LABELS
 from chexlib.report.training import auroc_table, history_frame
 from chexlib.train.config import TrainConfig
@@ -32,6 +33,7 @@ def throughput_metrics(config: TrainConfig, throughput) -> dict:
     """
     import horovod.tensorflow as hvd_tf
 
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.train.callbacks import paired_summary, real_rates, throughput_summary
 
     c = config
@@ -161,7 +163,6 @@ def run_metrics(
 
 def write_outputs(out: Path, config: TrainConfig, record: RunRecord) -> None:
     """params.json, metrics.json (with environment), history.csv and auroc.csv in ``out``."""
-    from chexlib.core.runs import write_run_record
 
     out.mkdir(parents=True, exist_ok=True)
     params = {**config.to_dict(), "ranks": record.ranks}

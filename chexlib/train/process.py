@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chexlib.train import affinity
+from chexlib.train.affinity import AffinityError, available_cores
+
 if TYPE_CHECKING:
     from chexlib.train.config import TrainConfig
 
@@ -115,7 +118,6 @@ def drop_bad_horovod_env() -> None:
 
 def pin_cores(cores_per_rank: int, local_rank: int, local_size: int) -> None:
     """Horovod: this rank on its own block of cores; TensorFlow's threads sized to it."""
-    from chexlib.train import affinity
 
     cores = affinity.rank_cores(local_rank, local_size, cores_per_rank)
     affinity.pin_process(cores)
@@ -124,7 +126,6 @@ def pin_cores(cores_per_rank: int, local_rank: int, local_size: int) -> None:
 
 def cores_now() -> list[int] | None:
     """The cores this process may run on (None where the OS does not say)."""
-    from chexlib.train.affinity import AffinityError, available_cores
 
     try:
         return available_cores()

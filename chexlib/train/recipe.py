@@ -187,16 +187,16 @@ def train(config: TrainConfig) -> RunRecord:
 def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorers, settings):
     """The run's Keras callbacks in the order they run, and its throughput callback.
 
-    Horovod's come first, as in its Keras example. ``resumed``
-    (:class:`chexlib.train.checkpoints.Resumed`) holds the history and plateau state to
-    go on from; ``scorers`` (:func:`chexlib.train.evaluate.split_scorers`) is empty
-    without evaluation; ``settings`` is what each checkpoint records for --resume.
+    Horovod's come first, as in its Keras example. ``resumed`` (a checkpoints.Resumed)
+    holds the history and plateau state to go on from; ``scorers`` (evaluate.split_scorers)
+    is empty without evaluation; ``settings`` is what each checkpoint records for --resume.
     The evaluation appends each epoch's record to the history before TensorBoard
     and the checkpoint read it; the checkpoint saves the plateau's counters after
     they change.
     """
     import horovod.tensorflow.keras as hvd
 
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.train import callbacks as train_callbacks
 
     c, rank, history = config, hvd.rank(), resumed.history
@@ -254,6 +254,7 @@ def _fit_epochs(config: TrainConfig, model, data: RankData, callbacks, steps: in
     """
     import horovod.tensorflow.keras as hvd
 
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.train.callbacks import TensorBoardCallback, untimed_steps
 
     if hvd.rank() == 0:  # Horovod: only rank 0 writes (the run folder exists from now on)

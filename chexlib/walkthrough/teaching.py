@@ -28,7 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from chexlib.core.machine import cpu_model, gpu_names, usable_cores
-from chexlib.data.metadata import LABELS
+from chexlib.data.metadata import LABELS, load_metadata
+from chexlib.data.png import read_grayscale
+from chexlib.explain.gradcam import ExplainError, load_images, load_run_model
+from chexlib.launch.launcher import launch
+from chexlib.records.read import list_shards, parse_example
+from chexlib.report.training import paired_ceiling, summary_text
 
 PRODUCER_COLOR = "#7570b3"  # the input pipeline
 CONSUMER_COLOR = "#1b9e77"  # the accelerator
@@ -73,8 +78,6 @@ def _read_record(shard: str, name: str | None = None) -> dict | None:
     """The first record of ``shard`` (or the one for image ``name``) as numpy values."""
     import tensorflow as tf
 
-    from chexlib.records.read import parse_example
-
     for serialized in tf.data.TFRecordDataset(shard):
         ex = {k: v.numpy() for k, v in parse_example(serialized).items()}
         if name is None or ex["image/filename"].decode() == name:
@@ -83,7 +86,6 @@ def _read_record(shard: str, name: str | None = None) -> dict | None:
 
 
 def _find_record(records_dir, split: str, name: str | None) -> dict | None:
-    from chexlib.records.read import list_shards
 
     for shard in list_shards(records_dir, split):
         ex = _read_record(shard, name)
@@ -93,6 +95,7 @@ def _find_record(records_dir, split: str, name: str | None) -> dict | None:
 
 
 def _decoded(ex: dict) -> np.ndarray:
+    # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.builders import decode_gray
 
     fmt = ex["image/format"].decode()
@@ -120,11 +123,7 @@ def plot_records_beside_source(records: dict, metadata, split: str = "train"):
     """
     import matplotlib.pyplot as plt
 
-    from chexlib.data.png import read_grayscale
-
     if isinstance(metadata, str | Path):
-        from chexlib.data.metadata import load_metadata
-
         metadata = load_metadata(metadata)
     names = list(records)
     first = _find_record(records[names[0]], split, None)
@@ -197,8 +196,6 @@ def plot_augmented_batch(images, labels, names=None, metadata=None, n: int = 8):
         n: images shown.
     """
     import matplotlib.pyplot as plt
-
-    from chexlib.data.png import read_grayscale
 
     images, labels = np.asarray(images), np.asarray(labels)
     n = min(n, len(images))
@@ -407,7 +404,6 @@ def ceiling_runs(record, synthetic=None) -> dict:
     ``synthetic``, the record of a separate synthetic run, when there was one,
     else the run's own paired synthetic windows (``--paired-synthetic``).
     """
-    from chexlib.report.training import paired_ceiling
 
     if synthetic:
         return {"real": record, "synthetic": synthetic}
@@ -441,9 +437,6 @@ def ceiling_run(config, launch_config, out_dir, steps: int, paired: bool):
     """
     import dataclasses
 
-    from chexlib.launch.launcher import launch
-    from chexlib.report.training import summary_text
-
     synthetic_config = dataclasses.replace(
         config, out=str(Path(out_dir) / "synthetic"), synthetic=True, paired_synthetic=False,
         evaluate=False, checkpoint=False, resume=False, epochs=1, steps_per_epoch=max(steps, 1),
@@ -475,7 +468,6 @@ def predict_sample(run_dir, metadata, n: int = 4, split: str = "test", seed: int
     Raises:
         chexlib.explain.gradcam.ExplainError: no trained run (no checkpoint) at ``run_dir``.
     """
-    from chexlib.explain.gradcam import load_images, load_run_model
 
     net, params = load_run_model(run_dir)
     rows = metadata[metadata["split"] == split]
@@ -533,14 +525,10 @@ def plot_run_predictions(run_dir, data_dir, n: int = 4, split: str = "test", see
     """:func:`plot_predictions` of a run folder, or a figure saying why there is none."""
     import matplotlib.pyplot as plt
 
-    from chexlib.explain.gradcam import ExplainError
-
     why = None
     if not data_dir:
         why = "no DATA_DIR: the images to predict on are read from the dataset folder"
     else:
-        from chexlib.data.metadata import load_metadata
-
         try:
             return plot_predictions(
                 predict_sample(run_dir, load_metadata(data_dir), n, split, seed)
