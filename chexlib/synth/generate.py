@@ -126,7 +126,7 @@ def _arguments(n_images, size, seed, test_fraction, workers) -> dict:
     if workers is not None and (not isinstance(workers, int | np.integer) or workers < 1):
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     return {
-        "generator": "chexlib.synth.generate",
+        "generator": "chexlib.synth",  # the name its outputs were first written with
         "format": FORMAT_VERSION,
         "n_images": int(n_images),
         "size": int(size),
