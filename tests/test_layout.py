@@ -252,3 +252,18 @@ def test_the_rules_fail_on_a_planted_violation(rule, tmp_path, monkeypatch):
         monkeypatch.setitem(MODULES, b, tmp_path / "b.py")
         with pytest.raises(AssertionError, match="import cycles"):
             test_no_import_cycle_even_through_imports_inside_functions()
+
+
+def test_every_module_is_tracked_by_git():
+    """A module an ignore rule hides works here and is missing from a fresh clone."""
+    import shutil
+    import subprocess
+
+    top = PACKAGE.parent
+    if not (top / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(
+        ["git", "check-ignore", *map(str, MODULES.values())],
+        cwd=top, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert not ignored.stdout.strip(), "modules an ignore rule hides:\n" + ignored.stdout
