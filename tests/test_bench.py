@@ -7,6 +7,7 @@ exist, are consistent with each other and are labelled as they should be.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -51,18 +52,46 @@ def test_a_window_lasts_at_least_min_window_sec():
 
 
 def test_time_batches_windows_and_simulated_utilization():
-    fast = timing.time_batches(fake_batches(0.0), warmup=1, batches=6, windows=3, device_rate=200.0)
+    # What time_batches decides is asserted exactly: windows, images, the device's busy
+    # time (the intended n / rate, never the measured sleep) and utilization = busy / wall.
+    # time.sleep never returns early, so every bound below that rests on it holds on a
+    # loaded machine; the one upper bound on overhead keeps a wide margin (see there).
+    pulls = []
+
+    def counted(next_batch):
+        def pull():
+            pulls.append(1)
+            return next_batch()
+
+        return pull
+
+    fast = timing.time_batches(
+        counted(fake_batches(0.0)), warmup=1, batches=6, windows=3, device_rate=200.0
+    )
+    assert len(pulls) == 1 + 6  # the warm-up batch, then 2 per window
     assert len(fast.window_rates) == 3 and fast.images == 24
+    assert fast.busy_sec == pytest.approx(24 / 200.0)  # intended busy time, not measured
     summary = fast.summary(200.0)
     assert summary["device"] == config.SIMULATED and "simulated" in summary["device"]
-    assert summary["utilization"] > 0.8  # input never waits (up to sleep overhead)
-    assert summary["images_per_sec"] <= 200.0 * 1.05
-    # input slower than the device: the device starves
+    assert summary["device_busy_sec"] == fast.busy_sec
+    assert summary["utilization"] == fast.busy_sec / fast.wall_sec
+    # the device sleeps 8 / 200 s per window of 8 images: no window can beat its rate
+    assert max(fast.window_rates) <= 200.0 * (1 + 1e-9)
+    assert fast.wall_sec >= fast.busy_sec + fast.stall_sec
+    # Input that never waits: the device is busy most of the time. Each 20 ms batch may
+    # lose up to 20 ms to sleep overshoot and scheduling (0.5), 4x the 5 ms of overshoot
+    # that failed the former bound of 0.8 on a busy 2-core machine.
+    assert summary["utilization"] > 0.5
+    # input slower than the device: the device starves. 4 pulls of >= 40 ms each against
+    # 16 / 400 s = 40 ms of device time: utilization <= 0.04 / (0.04 + 0.16) = 0.2,
+    # whatever the machine does (sleeps only ever last longer)
     slow = timing.time_batches(
         fake_batches(0.04), warmup=0, batches=4, windows=2, device_rate=400.0
     )
-    assert slow.summary(400.0)["utilization"] < 0.5
-    assert slow.stall_sec > 0.1
+    assert slow.images == 16 and slow.busy_sec == pytest.approx(16 / 400.0)
+    assert slow.stall_sec >= 4 * 0.04
+    assert slow.summary(400.0)["utilization"] <= 0.04 / (0.04 + 4 * 0.04)
+    assert slow.summary(400.0)["utilization"] < summary["utilization"]
     assert "utilization" not in slow.summary(None)
 
 
@@ -161,21 +190,66 @@ def test_reference_rates_measure_the_independent_limit_and_each_decoder(synth_di
     assert r["decode_in_tf_data_cpu_ms_per_image"] > 0
 
 
-def test_paired_rounds_alternate_two_real_pipelines_in_one_process(synth_dir, synth_metadata):
+def test_paired_rounds_alternate_two_real_pipelines_in_one_process(
+    synth_dir, synth_metadata, monkeypatch
+):
+    from chexlib.bench import paired
+
+    # Observe each round: every pipeline paired_rounds builds (timing.pipeline_batches,
+    # which _timed_round imports when called), when it is stopped, and the rate its
+    # round returned. The pipelines, their batches and their timing stay the real ones.
+    events = []
+    real_batches, real_round = timing.pipeline_batches, paired._timed_round
+
+    def watched_batches(cfg, metadata=None, data_service=None):
+        next_batch, stop = real_batches(cfg, metadata, data_service)
+        events.append(("start", cfg.pipeline))
+
+        def watched_stop():
+            stop()
+            events.append(("stop", cfg.pipeline))
+
+        return next_batch, watched_stop
+
+    def watched_round(cfg, metadata, warmup, batches):
+        rate, cpu_ms = real_round(cfg, metadata, warmup, batches)
+        events.append(("timed", cfg.pipeline, rate))
+        return rate, cpu_ms
+
+    monkeypatch.setattr(timing, "pipeline_batches", watched_batches)
+    monkeypatch.setattr(paired, "_timed_round", watched_round)
     cfg = config.BenchConfig(
         pipeline="optimized", data_dir=str(synth_dir), paired_with="keras-directory", **TINY
     )
-    r = measure.measure(cfg, synth_metadata)
+    r = measure.measure(cfg, synth_metadata)  # its own measurement does not go through these
     p = r["paired"]
     assert p["with"] == "keras-directory" and p["rounds"] == len(p["ratios"]) == 6
-    rates = p["images_per_sec"]
-    assert set(rates) == {"optimized", "keras-directory"}
-    assert all(len(v) == 6 and min(v) > 0 for v in rates.values())
-    assert all(min(v) > 0 for v in p["cpu_ms_per_image"].values())
-    pairs = zip(rates["optimized"], rates["keras-directory"], strict=True)
-    assert p["ratios"] == pytest.approx([a / b for a, b in pairs])
-    assert p["ratio_min"] <= p["ratio"] <= p["ratio_max"]
+    # A, B, then B, A, ...: each pipeline built, stopped, then timed, before the other starts
+    a, b = "optimized", "keras-directory"
+    order = [name for r_ in range(6) for name in ((a, b) if r_ % 2 == 0 else (b, a))]
+    assert [e[:2] for e in events] == [
+        (what, name) for name in order for what in ("start", "stop", "timed")
+    ]
+    timed = {a: [], b: []}
+    for what, name, *rate in events:
+        if what == "timed":
+            timed[name].append(rate[0])
+    # the record holds the rates the rounds returned, in round order, and ratios of them
+    assert p["images_per_sec"] == timed and min(timed[a] + timed[b]) > 0
+    assert all(len(v) == 6 and min(v) > 0 for v in p["cpu_ms_per_image"].values())
+    assert p["ratios"] == [x / y for x, y in zip(timed[a], timed[b], strict=True)]
+    # the documented summary: the median of the per-round ratios, with its range
+    assert p["ratio"] == statistics.median(p["ratios"])
+    assert (p["ratio_min"], p["ratio_max"]) == (min(p["ratios"]), max(p["ratios"]))
     assert "paired with keras-directory" in benchmarks.describe(r)
+    # no round is not a measurement: refused before anything is built, naming the argument
+    events.clear()
+    for rounds, batches in ((0, 30), (6, 0)):
+        with pytest.raises(
+            ValueError, match=f"rounds and batches must be >= 1, not {rounds} and {batches}"
+        ):
+            paired.paired_rounds(cfg, b, synth_metadata, rounds=rounds, batches=batches)
+    assert events == []
     with pytest.raises(ValueError, match="paired_with"):
         config.BenchConfig(pipeline="optimized", data_dir="x", paired_with="optimized")
     with pytest.raises(ValueError, match="reads PNG files"):
@@ -252,7 +326,38 @@ def test_cli_bench_pipeline_writes_json(synth_dir, tmp_path, capsys):
     assert "--device-reference" in capsys.readouterr().err
 
 
-def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata):
+def _dataset_ops(ds: tf.data.Dataset) -> list[str]:
+    """The dataset ops of a built pipeline's graph, input first, output last."""
+    from tensorflow.core.framework import graph_pb2
+
+    graph = graph_pb2.GraphDef.FromString(ds._as_serialized_graph().numpy())
+    return [node.op for node in graph.node if node.op.endswith("Dataset") or "DatasetV" in node.op]
+
+
+def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata, monkeypatch):
+    from chexlib.pipeline import builders
+    from chexlib.pipeline.config import OPTIMIZED_STEPS, without_steps
+
+    # Observe what each measurement really ran: the record measure() returned (its
+    # pipeline_settings are PipelineConfig's effective settings) and the keyword
+    # arguments and graph of the tf.data pipeline it built. Nothing is replaced.
+    measured, built, current = [], [], {}
+    real_measure, real_build = sweeps.measure, builders.build_dataset
+
+    def watched_measure(cfg, *args, **kwargs):
+        current["label"] = len(measured)
+        record = real_measure(cfg, *args, **kwargs)
+        measured.append((cfg, record))
+        return record
+
+    def watched_build(source, split, **kwargs):
+        ds = real_build(source, split, **kwargs)
+        if "label" in current:  # not the single-core rate, measured before the variants
+            built.append((current["label"], kwargs, _dataset_ops(ds)))
+        return ds
+
+    monkeypatch.setattr(sweeps, "measure", watched_measure)
+    monkeypatch.setattr(builders, "build_dataset", watched_build)
     df = sweeps.ablation(
         "raw",
         data_dir=str(synth_dir),
@@ -267,8 +372,50 @@ def test_ablation_removes_one_step_at_a_time(synth_dir, synth_metadata):
         "minus final-prefetch",
         "naive (no steps)",
     ]
+    assert df["step"].tolist()[1:] == ["parallel-map", "final-prefetch", "all"]
     assert df["relative"].iloc[0] == 1.0 and (df["images_per_sec"] > 0).all()
     assert df["limit_images_per_sec"].nunique() == 1  # one single-core measurement for all
+    # one measurement per row, and the row is that measurement
+    assert len(measured) == 4
+    assert df["images_per_sec"].tolist() == [rec["images_per_sec"] for _, rec in measured]
+    assert [len([b for b in built if b[0] == i]) for i in range(4)] == [1, 1, 1, 1]
+
+    def differences(settings: dict, full: dict) -> dict:
+        """What ``settings`` sets otherwise than ``full`` (or that ``full`` leaves unset)."""
+        assert full.keys() <= settings.keys()
+        missing = object()
+        return {  # the dataset table is passed as the same object every time
+            k: v
+            for k, v in settings.items()
+            if v is not full.get(k, missing) and (k not in full or v != full[k])
+        }
+
+    full_record, full_kwargs = measured[0][1], built[0][1]
+    assert full_record["disabled_steps"] == []
+    expected = {1: ("parallel-map",), 2: ("final-prefetch",), 3: tuple(OPTIMIZED_STEPS)}
+    for i, steps in expected.items():
+        cfg, record = measured[i]
+        switches = without_steps(*steps)
+        if i == 3:  # naive: every step's switch off, and the pipeline named naive
+            switches = {**switches, "pipeline": "naive"}
+        # the settings the pipeline was built with differ from the full recipe's in
+        # exactly the switches of the removed step(s), each set to its "off" value
+        assert (
+            differences(record["pipeline_settings"], full_record["pipeline_settings"]) == switches
+        ), df["variant"][i]
+        if i < 3:
+            assert record["disabled_steps"] == list(steps)
+            assert differences(built[i][1], full_kwargs) == switches
+        else:
+            assert record["pipeline"] == cfg.pipeline == "naive"
+    # and the built graphs lose what each step adds (tests/test_real_behaviour.py checks
+    # every switch on its own; here: the ablation's own builds)
+    ops = {i: graph for i, _, graph in built}
+    assert ops[0][-1] == "PrefetchDataset" and "ParallelMapDatasetV2" in ops[0]
+    assert "ParallelMapDatasetV2" not in ops[1] and "MapDataset" in ops[1]
+    assert ops[1][-1] == "PrefetchDataset"
+    assert ops[2][-1] != "PrefetchDataset" and "ParallelMapDatasetV2" in ops[2]
+    assert "ParallelMapDatasetV2" not in ops[3] and ops[3][-1] != "PrefetchDataset"
 
 
 def _fake_results(tmp_path, **changes):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -163,6 +165,51 @@ def test_heatmaps_have_the_input_shape_and_real_values(tiny_run, synth_dir):
     assert lit and all(np.isclose(m.max(), 1.0) for m in lit)
     assert all(m.std() > 0.01 and (m > 0.5).mean() < 0.9 for m in lit)  # not flat
     assert np.allclose(probs, np.asarray(net(x, training=False)), atol=1e-5)
+    # Grad-CAM computed here on its own (a tape on the layer and the class's output) agrees
+    # for every class, the dark ones too (all of a class's evidence negative: a zero map)
+    n = len(LABELS)
+    every, _ = gradcam.heatmaps(net, x, list(range(n)))
+    ours = np.stack([_independent_gradcam(net, x, "tiny_relu3", k) for k in range(n)], axis=1)
+    np.testing.assert_allclose(every, ours, atol=1e-4)
+    np.testing.assert_allclose(every[:, [0, 2, 4]], maps, atol=1e-6)  # any choice of classes
+    # each map is its own class's: any other class lit in the same image has another map
+    lit = ours.reshape(4, n, -1).max(axis=2) > 0
+    pairs = [
+        (i, a, b) for i in range(4) for a in np.flatnonzero(lit[i]) for b in np.flatnonzero(lit[i])
+    ]
+    pairs = [(i, a, b) for i, a, b in pairs if a != b]
+    assert len(pairs) >= 4  # classes lit together: the check below means something
+    for i, a, b in pairs:
+        assert np.abs(every[i, a] - ours[i, b]).max() > 0.1, (i, LABELS[a], LABELS[b])
+
+
+def _independent_gradcam(net, x, layer: str, k: int) -> np.ndarray:
+    """Grad-CAM of class ``k`` by the paper's recipe, with a tape on the model itself:
+    weights = mean over space of d output_k / d activations, cam = ReLU(sum_c weights_c
+    A_c), upsampled with chexlib's matrix (tested on its own below), ReLU (the cubic
+    kernel's undershoot), divided by its maximum.
+
+    The model's output is sigmoid(logit): its gradient is the logit's times
+    p (1 - p) > 0, the same for every cell of an image, which the division by the
+    maximum removes; so this equals Grad-CAM of the logit, as the module computes it.
+    """
+    import tensorflow as tf
+
+    probe = tf.keras.Model(net.inputs, [net.get_layer(layer).output, net.output])
+    with tf.GradientTape() as tape:
+        acts, out = probe(tf.constant(x), training=False)
+        score = tf.reduce_sum(out[:, k])  # each image's output depends on its own input only
+    grads = tape.gradient(score, acts).numpy().astype(np.float64)
+    acts = acts.numpy().astype(np.float64)
+    weights = grads.mean(axis=(1, 2), keepdims=True)
+    cam = np.maximum((weights * acts).sum(axis=-1), 0.0)  # [B, h, w]
+    (r0, rstep), (c0, cstep) = gradcam.feature_grid(gradcam.cam_model(net, layer))
+    size = x.shape[1]
+    rows = gradcam.upsampling_matrix(cam.shape[1], size, r0, rstep)
+    cols = gradcam.upsampling_matrix(cam.shape[2], size, c0, cstep)
+    up = np.maximum(np.einsum("yh,bhw,xw->byx", rows, cam, cols), 0.0)
+    top = up.max(axis=(1, 2), keepdims=True)
+    return np.divide(up, top, out=np.zeros_like(up), where=top > 0)
 
 
 @pytest.mark.parametrize("kernel", gradcam.UPSAMPLING)
@@ -190,6 +237,17 @@ def test_a_bicubic_peak_can_fall_between_cell_centres():
         gradcam.upsampling_matrix(8, 128, 15.5, 16.0, "nearest")
 
 
+@pytest.mark.parametrize("kernel", gradcam.UPSAMPLING)
+def test_a_peak_on_the_border_plateau_is_its_cell_centre(kernel):
+    m = gradcam.upsampling_matrix(4, 64, 15.5, 16.0, kernel)  # the tiny CNN's map at 64 px
+    cells = np.array([1.0, 0.6, 0.3, 0.1])  # the first cell strongest, on both axes
+    heat = np.outer(m @ cells, m @ cells)
+    assert gradcam.pointing_hit(heat, (8, 8, 16, 16))  # a box around cell (0, 0)'s centre
+    assert gradcam.peak(heat) == (15, 15)
+    last = np.outer(m @ cells[::-1], m @ cells[::-1])  # the last cell strongest
+    assert gradcam.peak(last) == (63, 63)  # its centre, 15.5 + 3 x 16: the last pixel
+
+
 @pytest.mark.parametrize("size,layer", [(64, ""), (128, "tiny_relu2")])
 def test_feature_grid_is_where_the_receptive_fields_are(size, layer):
     # TensorFlow's 'same' stride-2 convolutions pad after the image: each one moves the
@@ -200,10 +258,12 @@ def test_feature_grid_is_where_the_receptive_fields_are(size, layer):
 
     cams = gradcam.cam_model(build_model("tiny", size), layer)
     (r0, rstep), (c0, cstep) = gradcam.feature_grid(cams)
+    # the model takes uint8 grey: follow the gradient to its first layer's float output
+    after_input = tf.keras.Model(cams.get_layer("gray_to_backbone").output, cams.outputs[0])
     x = tf.random.normal([4, size, size, 3], seed=0)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        features, _ = cams(x, training=False)
+        features = after_input(x, training=False)
         j = features.shape[1] // 2
         picked = tf.reduce_sum(features[:, j, j, :])
     seen = tf.reduce_sum(tf.abs(tape.gradient(picked, x)), axis=(0, 3)).numpy() > 0
@@ -239,17 +299,68 @@ def test_cli_writes_overlays_scores_and_summary(tiny_run, synth_dir, tmp_path):
     boxes = gradcam.read_boxes(synth_dir)
     chosen = set(pd.read_csv(out / gradcam.HEATMAPS_CSV)["image"])
     assert len(chosen) == 6 and len(scores) == boxes["image"].isin(chosen).sum() == summary["boxes"]
-    assert (
-        summary["boxes"] > 0
-        and 0 <= summary["hit_rate"] <= 1
-        and 0 < summary["hit_rate_chance"] < 1
-    )
+    assert summary["boxes"] > 0 and 0 < summary["hit_rate_chance"] < 1
     assert ((scores[["peak_x", "peak_y"]] >= 0) & (scores[["peak_x", "peak_y"]] < 64)).all().all()
+    _check_hit_rate(summary, scores)
     heat = pd.read_csv(out / gradcam.HEATMAPS_CSV)
     assert heat["boxed"].sum() == len(scores) and (heat.groupby("image").size() >= 3).all()
     with Image.open(out / heat["overlay"].iloc[0]) as img:
         assert img.mode == "RGB" and img.size == (256, 256)
     assert main(["explain", str(tiny_run / "nowhere"), "--data", str(synth_dir)]) == 2
+
+    # The tiny run points at none of synth's small boxes (a hit rate of 0, which a
+    # miscount would give too). So once more with boxes it can hit: half-images (right or
+    # bottom half, alternating), finding k on the first 1 + k % 6 of six test images (so
+    # findings weigh unequally). Neither half holds pixel (0, 0), the peak written for a
+    # flat-zero map (a miss by the module's rule), so the peak alone decides every hit.
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    from chexlib.data.metadata import load_metadata
+
+    meta = load_metadata(data)
+    names = sorted(meta.loc[meta["split"] == "test", "image"])[:6]
+    with Image.open(meta.set_index("image").loc[names[0], "path"]) as img:
+        side = img.size[0]  # synth's images are square
+    half = [(side // 2, 0, side // 2, side), (0, side // 2, side, side // 2)]  # x, y, w, h
+    rows = [
+        (name, finding, *half[(i + k) % 2])
+        for k, finding in enumerate(LABELS)
+        for i, name in enumerate(names[: 1 + k % 6])
+    ]
+    pd.DataFrame(rows, columns=["Image Index", "Finding Label", "x", "y", "w", "h"]).to_csv(
+        data / gradcam.BBOX_NAME, index=False
+    )
+    out = tmp_path / "halves"
+    assert main(["explain", str(tiny_run), "--data", str(data), "--out", str(out)]) == 0
+    summary = json.loads((out / gradcam.SUMMARY_JSON).read_text())
+    scores = pd.read_csv(out / gradcam.LOCALIZATION_CSV)
+    assert summary["images"] == 6 and len(scores) == len(rows) == summary["boxes"]
+    _check_hit_rate(summary, scores)
+    assert 0 < scores["hit"].sum() < len(scores)  # hits and misses to count
+    # findings weigh equally: not the pooled rate (else the check above could not tell)
+    assert summary["hit_rate"] != pytest.approx(summary["hit_rate_pooled"])
+
+
+def _check_hit_rate(summary: dict, scores: pd.DataFrame) -> None:
+    """The summary's hit rates again, from the peaks and boxes written in localization.csv.
+
+    A hit: the peak pixel's centre lies in the box (both in model input pixels); each
+    finding's rate, then their mean (equal weight), and the pooled rate over all boxes.
+    """
+    cx, cy = scores["peak_x"] + 0.5, scores["peak_y"] + 0.5
+    hits = (
+        (scores["box_x"] <= cx)
+        & (cx < scores["box_x"] + scores["box_w"])
+        & (scores["box_y"] <= cy)
+        & (cy < scores["box_y"] + scores["box_h"])
+    )
+    assert hits.tolist() == scores["hit"].tolist()
+    rates = [Fraction(int(h.sum()), len(h)) for _, h in hits.groupby(scores["finding"])]
+    assert summary["findings_with_boxes"] == len(rates)
+    # exact fractions against the module's float means: equal up to float rounding; one
+    # hit more or less moves a rate by at least 1 / (findings x boxes), far above 1e-12
+    assert summary["hit_rate"] == pytest.approx(float(sum(rates) / len(rates)), rel=1e-12)
+    assert summary["hit_rate_pooled"] == pytest.approx(hits.sum() / len(hits), rel=1e-12)
 
 
 @pytest.mark.slow

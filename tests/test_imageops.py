@@ -8,13 +8,21 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import require
 from PIL import Image
 
 from chexlib.pipeline import decode as pipeline_decode
 from chexlib.pipeline import spng
 from chexlib.synth.image import encode_png, render_image
 
-needs_spng = pytest.mark.skipif(not spng.available(), reason=spng.unavailable_reason() or "")
+
+@pytest.fixture()
+def _spng():
+    """libspng (pyspng-seunglab, a declared dependency): skipped without it, failed in CI."""
+    require(spng.available(), f"libspng cannot be called: {spng.unavailable_reason()}")
+
+
+needs_spng = pytest.mark.usefixtures("_spng")
 
 
 @pytest.fixture(scope="module")

@@ -62,17 +62,23 @@ def test_missing_weights_file(tmp_path):
 
 
 def _notop_file(path, name):
-    """A stand-in for the Keras notop weights file: same layers, random values."""
-    base = models._base(name, 32, None)
+    """A stand-in for the Keras notop weights file: same layers, random values (a
+    backbone on three float channels, as Keras ships it: no grey input layer)."""
+    rgb = tf.keras.Input((32, 32, 3))
+    base = models._base(name, rgb, rgb, None)
     base.save_weights(str(path))
     return base
+
+
+def _first_conv(model):
+    return next(layer for layer in model.layers if isinstance(layer, tf.keras.layers.Conv2D))
 
 
 @pytest.mark.parametrize("name, where", [("densenet121", "keras cache"), ("resnet50", "path")])
 def test_imagenet_from_local_file(name, where, tmp_path, keras_home):
     tf.keras.utils.set_random_seed(1)
     reference = _notop_file(tmp_path / "notop.h5", name)
-    expected = reference.layers[2].get_weights()[0]  # the first convolution
+    expected = _first_conv(reference).get_weights()[0]
     if where == "path":
         weights = str(tmp_path / "notop.h5")
     else:  # where tf.keras.applications would have cached its download
@@ -80,7 +86,7 @@ def test_imagenet_from_local_file(name, where, tmp_path, keras_home):
         (tmp_path / "notop.h5").rename(keras_home / models.IMAGENET_FILES[name][0])
         weights = "imagenet"
     loaded = models.build_model(name, image_size=64, weights=weights)
-    np.testing.assert_array_equal(loaded.layers[2].get_weights()[0], expected)
+    np.testing.assert_array_equal(_first_conv(loaded).get_weights()[0], expected)
 
 
 def test_full_model_h5_round_trip(tmp_path):
@@ -108,3 +114,56 @@ def test_pipeline_normalisation_matches_keras_preprocess_input(name):
         tf.keras.applications.densenet if name == "densenet121" else tf.keras.applications.resnet50
     )
     np.testing.assert_allclose(ours, module.preprocess_input(rgb), rtol=1e-5, atol=1e-4)
+
+
+# --- the uint8 input contract ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet50"])
+def test_the_models_first_layer_normalises_uint8_grey_as_keras_expects(name):
+    """The model takes uint8 grey [S, S, 1] and its first layer gives exactly what
+    tf.keras.applications' preprocess_input gives for the grey image in three channels."""
+    net = models.build_model(name, image_size=32)
+    assert net.input.dtype == tf.uint8 and tuple(net.input.shape) == (None, 32, 32, 1)
+    gray = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    first = tf.keras.Model(net.input, net.get_layer("gray_to_backbone").output)
+    module = (
+        tf.keras.applications.densenet if name == "densenet121" else tf.keras.applications.resnet50
+    )
+    theirs = module.preprocess_input(np.repeat(gray, 3, axis=-1).astype("float32"))
+    np.testing.assert_allclose(first(gray).numpy(), theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_the_pipeline_hands_the_model_one_uint8_channel(synth_dir):
+    """12x fewer bytes per batch than three float32 channels; the same pixels either way."""
+    from chexlib.data.metadata import load_metadata
+
+    meta = load_metadata(synth_dir)
+    kw = dict(metadata=meta, batch_size=4, image_size=32, training=False, model="densenet121")
+    gray, _ = next(iter(builders.build_dataset("raw", "val", **kw)))
+    rgb, _ = next(iter(builders.build_dataset("raw", "val", normalize_in_pipeline=True, **kw)))
+    assert gray.dtype == tf.uint8 and gray.shape == (4, 32, 32, 1)
+    assert rgb.dtype == tf.float32 and rgb.shape == (4, 32, 32, 3)
+    assert rgb.numpy().nbytes == 12 * gray.numpy().nbytes
+    layer = models.build_model("tiny", image_size=32).get_layer("gray_to_backbone")
+    np.testing.assert_allclose(layer(gray).numpy(), rgb.numpy(), atol=1e-6)
+
+
+def test_a_checkpoint_from_before_the_grey_input_layer_loads(tmp_path):
+    """A model that took the normalised three channels (the contract before) wrote this
+    checkpoint; the grey-input model restores every weight from it (the layer has none)."""
+    from chexlib.train.models import _base
+
+    old_input = tf.keras.Input((32, 32, 3))
+    base = _base("tiny", old_input, old_input, None)
+    pooled = tf.keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    head = tf.keras.layers.Dense(len(LABELS), activation="sigmoid", name=models.HEAD_NAME)
+    old = tf.keras.Model(old_input, head(pooled))
+    for v in old.weights:
+        v.assign(tf.random.normal(v.shape, seed=1))
+    tf.train.Checkpoint(model=old).write(str(tmp_path / "ckpt"))
+    new = models.build_model("tiny", image_size=32)
+    tf.train.Checkpoint(model=new).read(str(tmp_path / "ckpt")).assert_existing_objects_matched()
+    assert len(new.weights) == len(old.weights)
+    for a, b in zip(old.weights, new.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

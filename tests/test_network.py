@@ -2,8 +2,8 @@
 TensorFlow or Horovod cannot restrict the address.
 
 Reachability is tested for real: a TCP connection to this machine's non-loopback
-address (skipped when it has none), with a server bound to every interface as
-the control that shows such a connection would succeed.
+address (skipped when it has none, failed in CI, which has one), with a server
+bound to every interface as the control that shows such a connection succeeds.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import contextlib
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cloudpickle
 import psutil
 import pytest
+from conftest import OutputLines, kill_tree, require
 
 from chexlib.launch import engines, horovodrun
 
@@ -34,10 +34,10 @@ def outside_or_none() -> str | None:
 
 
 def outside_address() -> str:
-    """:func:`outside_or_none`, or skip the test."""
+    """:func:`outside_or_none`, or skip the test (fail it in CI)."""
+    __tracebackhide__ = True  # a skip is reported at the test's line
     address = outside_or_none()
-    if address is None:
-        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    require(address is not None, "this machine has no non-loopback IPv4 address to connect from")
     return address
 
 
@@ -66,8 +66,9 @@ def test_rendezvous_server_of_a_local_cluster_is_loopback_only():
         local.stop()
 
 
-def _probe_servers(outside: str) -> dict:
-    """In a rank: can the launcher's rendezvous and function servers be reached from outside?"""
+def _probe_servers(outside: str, control_port: int) -> dict:
+    """In a rank: can the launcher's rendezvous and function servers be reached from outside?
+    And the control, the test's server on every interface, which must be."""
     import contextlib
     import os
     import socket
@@ -79,6 +80,7 @@ def _probe_servers(outside: str) -> dict:
         return False
 
     ports = {
+        "control": control_port,
         "rendezvous": int(os.environ["HOROVOD_GLOO_RENDEZVOUS_PORT"]),
         "function": int(sys.argv[-1]),  # python -m horovod.runner.run_task ADDR PORT
     }
@@ -91,7 +93,14 @@ def _probe_servers(outside: str) -> dict:
 @pytest.mark.slow
 def test_horovod_run_servers_listen_on_loopback_only():
     outside = outside_address()
-    (result,) = horovodrun.run_function(_probe_servers, args=(outside,), np=1, timeout=120)
+    with socket.create_server(("0.0.0.0", 0)) as control:  # the control: every interface
+        port = control.getsockname()[1]
+        (result,) = horovodrun.run_function(_probe_servers, args=(outside, port), np=1, timeout=120)
+    # without it, an address no rank can reach would pass servers listening everywhere
+    assert result.pop("control") == (True, True), (
+        f"a server on every interface is not reachable at {outside} from a rank: "
+        "that address cannot tell loopback-only servers from exposed ones"
+    )
     assert result == {"rendezvous": (True, False), "function": (True, False)}
 
 
@@ -109,8 +118,7 @@ def test_horovod_run_with_other_hosts_warns_that_its_servers_are_exposed(capsys)
 def test_data_service_warns_that_it_listens_on_every_interface():
     """TensorFlow 2.15 binds tf.data service servers to 0.0.0.0 with no option to restrict
     them: ``chexlib data-service local`` must say so, naming the ports."""
-    from chexlib.pipeline.dataservice import _read_line
-
+    outside = outside_address()
     chexlib = Path(sys.executable).parent / "chexlib"
     proc = subprocess.Popen(
         [str(chexlib), "data-service", "local", "--workers", "1"],
@@ -118,28 +126,22 @@ def test_data_service_warns_that_it_listens_on_every_interface():
         stderr=subprocess.PIPE,
         text=True,
     )
+    out = OutputLines(proc, name="chexlib data-service local (stdout)")
+    err = OutputLines(proc, proc.stderr, name="chexlib data-service local (stderr)")
     try:
-        started = _read_line(proc, 120)
+        # it waits up to 120 s for each of its 2 servers to start, then prints the address
+        started = out.next(300, "the line with the dispatcher's address")
+        assert started is not None, f"it ended (exit {proc.poll()}) without printing an address"
         assert started.startswith("tf.data service: dispatcher grpc://"), started
         port = int(started.split()[3].rstrip(",").rpartition(":")[2])
-        deadline, warning = time.monotonic() + 30, ""
-        while not warning.startswith("warning:") and time.monotonic() < deadline:
-            warning = _read_stderr_line(proc)
+        warning = err.until(lambda line: line.startswith("warning:"), 30, "its warning")
         assert warning.startswith("warning: the tf.data service listens on port(s) ")
         assert str(port) in warning and "private cluster network" in warning
-        outside = outside_or_none()
-        if outside:  # the exposure the warning is about is real
-            assert reachable(outside, port)
+        assert reachable(outside, port)  # the exposure the warning is about is real
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-def _read_stderr_line(proc) -> str:
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    return proc.stderr.readline().strip() if sel.select(timeout=5) else ""
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            raise

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 from chexlib.data.metadata import LABELS
 from chexlib.train import config as train_config
@@ -81,10 +82,10 @@ def test_tensorboard_scalars_per_epoch(tensorboard_run):
 def test_profile_trace_is_written_for_the_profile_tab(tensorboard_run):
     traces = list((tensorboard_run / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
-    try:  # the profile tab's own converter, when tensorboard-plugin-profile is installed
+    try:  # the profile tab's own converter (tensorboard-plugin-profile, a declared dependency)
         from tensorboard_plugin_profile.convert import raw_to_tool_data
-    except ImportError:
-        return
+    except ImportError as err:
+        require(False, f"the profile tab's converter cannot be imported: {err}")
     data, _ = raw_to_tool_data.xspace_to_tool_data([str(traces[0])], "input_pipeline_analyzer^", {})
     assert data
 

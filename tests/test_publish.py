@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import require
 
 from chexlib.core.files import write_json
 from chexlib.core.runs import write_run_record
 from chexlib.report import publish
+
+NOBODY = 65534  # as root, the read-only README test runs publish as this user
 
 README = f"""# project
 
@@ -207,11 +213,42 @@ def test_readme_write_cut_off_halfway_leaves_it_intact(tmp_path, summary_dir):
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".README.md.*"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="as root a read-only file is still writable")
-def test_read_only_readme_is_refused_and_intact(tmp_path, summary_dir):
-    readme = tmp_path / "README.md"
-    readme.write_text(README)
-    readme.chmod(0o444)
-    with pytest.raises(PermissionError):
-        publish.publish(summary_dir, readme, tmp_path / "docs")
-    assert readme.read_text() == README
+def test_read_only_readme_is_refused_and_intact(summary_dir):
+    """A README its owner may not write is refused (``PermissionError``) and left as it was.
+
+    publish runs in a child; as root (who may write any file) that child runs as
+    ``nobody`` via util-linux ``setpriv``, as in tests/test_system_errors.py, in a
+    folder ``nobody`` owns: only the README's own mode stops the write."""
+    prefix = []
+    if os.geteuid() == 0:
+        require(shutil.which("setpriv"), "runs as root and setpriv (util-linux) is missing")
+        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    folder = Path(tempfile.mkdtemp(prefix="chexlib-readonly-"))  # pytest's tmp_path: root only
+    try:
+        summary, readme, docs = folder / "summary", folder / "README.md", folder / "docs"
+        shutil.copytree(summary_dir, summary)
+        readme.write_text(README)
+        if prefix:
+            for path in [folder, *folder.rglob("*")]:
+                os.chown(path, NOBODY, NOBODY)
+        readme.chmod(0o444)
+        script = textwrap.dedent(
+            f"""
+            from chexlib.report.publish import publish
+            try:
+                publish({str(summary)!r}, {str(readme)!r}, {str(docs)!r})
+            except PermissionError as err:
+                raise SystemExit(f"refused: {{err.filename}}")
+            """
+        )
+        res = subprocess.run(
+            [*prefix, sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert res.returncode == 1 and f"refused: {readme}" in res.stderr, (
+            res.returncode,
+            res.stderr,
+        )
+        assert readme.read_text() == README
+        assert (docs / "fig1_2_naive_vs_optimized.png").is_file()  # the folder was writable
+    finally:
+        shutil.rmtree(folder)

@@ -262,24 +262,36 @@ def test_tf_data_service_elements_come_from_its_worker(
 # --- 4. a crash while a checkpoint is being written ---------------------------------------
 
 
-def _checkpoint_being_written(root: Path) -> int | None:
-    """The epoch of a ``.tmp-epoch-NNNN`` folder (epoch 2 or later) in ``root``, if any."""
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return None
-    epochs = [int(n[-4:]) for n in names if n.startswith(".tmp-epoch-")]
-    epochs = [e for e in epochs if e >= 2]
-    return epochs[0] if epochs else None
+# `chexlib train` as its console script runs it (chexlib.cli.main.main), with one hook:
+# save_checkpoint writes the model and optimizer into .tmp-epoch-NNNN, then state.json
+# (through checkpoints.write_json), then renames the folder and moves latest.json. Just
+# before the state.json of epoch KILL_EPOCH the process stops itself (SIGSTOP): frozen
+# inside the write, every time, for the test to kill. The write itself is chexlib's.
+KILL_EPOCH = 2
+_TRAIN_STOPPING_IN_A_WRITE = f"""
+import os, signal, sys
+from pathlib import Path
+from chexlib.train import checkpoints
+write_json = checkpoints.write_json
+def stopping(path, obj):
+    if Path(path).parent.name == ".tmp-epoch-{KILL_EPOCH:04d}" and Path(path).name == "state.json":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return write_json(path, obj)
+checkpoints.write_json = stopping
+from chexlib.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(synth_dir, tmp_path):
     """SIGKILL ``chexlib train`` inside ``save_checkpoint``; ``--resume`` continues and finishes.
 
-    The process is frozen (SIGSTOP) the moment a ``.tmp-epoch-N`` folder appears, and
-    killed only if it is frozen inside the write (the folder still there, ``latest.json``
-    still at epoch N-1); a freeze that came too late lets it go on to the next epoch.
+    The process stops itself half-way through writing epoch 2's checkpoint (see
+    ``_TRAIN_STOPPING_IN_A_WRITE``); the test checks it is frozen there (the temporary
+    folder holds the weights but no state.json, ``latest.json`` is at epoch 1) and kills it.
     """
+    import psutil
+
     from chexlib.train import checkpoints
     from chexlib.train import config as train_config
     from chexlib.train.models import build_model
@@ -298,36 +310,44 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(synth_di
         throughput_window_steps=2,
     )
     root = out / checkpoints.CHECKPOINTS
+    tmp = root / f".tmp-epoch-{KILL_EPOCH:04d}"
     log = open(tmp_path / "train.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [CHEXLIB, "train", *train_config.config_to_argv(config)], stdout=log, stderr=log
+        [sys.executable, "-c", _TRAIN_STOPPING_IN_A_WRITE, "train"]
+        + train_config.config_to_argv(config),
+        stdout=log,
+        stderr=log,
     )
-    killed_at, deadline, seen = None, time.monotonic() + 240, set()
+    killed_at, deadline = None, time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            epoch = _checkpoint_being_written(root)
-            if epoch is None or epoch in seen:
-                continue
-            os.kill(proc.pid, signal.SIGSTOP)
-            latest = json.loads((root / "latest.json").read_text())
-            if (root / f".tmp-epoch-{epoch:04d}").exists() and latest["epochs_done"] == epoch - 1:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = epoch
+            try:
+                stopped = psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED
+            except psutil.NoSuchProcess:
                 break
-            seen.add(epoch)  # too late for this one: try the next epoch's
-            os.kill(proc.pid, signal.SIGCONT)
+            if stopped:
+                # frozen inside the write: weights written, state.json and rename not yet
+                assert (tmp / "ckpt.index").is_file() and not (tmp / "state.json").exists()
+                assert json.loads((root / "latest.json").read_text())["epochs_done"] == 1
+                assert not (root / f"epoch-{KILL_EPOCH:04d}").exists()
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = KILL_EPOCH
+                break
+            time.sleep(0.05)
     finally:
         if proc.poll() is None and killed_at is None:
             proc.kill()
-        proc.wait()
+        proc.wait(timeout=60)
         log.close()
     assert killed_at is not None, (
-        "never caught a checkpoint being written: " + ((tmp_path / "train.log").read_text()[-2000:])
+        "training never stopped in the checkpoint write: "
+        + (tmp_path / "train.log").read_text()[-2000:]
     )
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "metrics.json").exists()
     latest = json.loads((root / "latest.json").read_text())
     assert latest == {"dir": f"epoch-{killed_at - 1:04d}", "epochs_done": killed_at - 1}
+    assert (tmp / "ckpt.index").is_file()  # the half-written checkpoint is still there
 
     # the previous checkpoint is whole: it loads variable for variable
     build_model("tiny", image_size=SIZE, weights=str(out))

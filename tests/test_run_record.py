@@ -62,17 +62,30 @@ def test_a_train_record_round_trips_with_its_keys_in_order(tmp_path):
     metrics = train_metrics()
     record = RunRecord.from_dict(metrics)
     assert record.addition is None and record.launch is None
-    assert list(record.to_dict().items()) == [("schema_version", SCHEMA_VERSION), *metrics.items()]
+    assert record.precision == "float32"  # a version-1 record: read in from mixed_precision
+    assert list(record.to_dict().items()) == [
+        ("schema_version", SCHEMA_VERSION),
+        *metrics.items(),
+        ("precision", "float32"),
+    ]
     write_run_record(tmp_path, {}, record.to_dict())  # as write_outputs does
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert list(written) == ["schema_version", *metrics] and RunRecord.from_dict(written) == record
+    assert list(written) == ["schema_version", *metrics, "precision"]
+    assert RunRecord.from_dict(written) == record
     assert RunRecord.read(tmp_path / "metrics.json") == record
 
 
 def test_a_ceiling_adds_launch_ceiling_and_figures_at_the_end():
     record = RunRecord.from_dict(train_metrics()).with_ceiling("horovod.run", CEILING, FIGURES)
     d = record.to_dict()
-    assert list(d) == ["schema_version", *train_metrics(), "launch", *CEILING_KEYS, "figures"]
+    assert list(d) == [
+        "schema_version",
+        *train_metrics(),
+        "precision",
+        "launch",
+        *CEILING_KEYS,
+        "figures",
+    ]
     assert d["launch"] == "horovod.run" and d["figures"] == FIGURES
     assert RunRecord.from_dict(d) == record and record.addition == "ceiling"
     no_ceiling = dict.fromkeys(CEILING_KEYS)  # no synthetic run: the keys stay, null
@@ -86,7 +99,7 @@ def test_a_rank_table_adds_launch_and_the_rows():
     rows = [{"rank": 0, "images_per_sec_rank": 10.0}, {"rank": 1, "images_per_sec_rank": 11.0}]
     record = RunRecord.from_dict(train_metrics()).with_rank_table("ipyparallel", rows)
     d = record.to_dict()
-    assert list(d) == ["schema_version", *train_metrics(), "launch", "rank_table"]
+    assert list(d) == ["schema_version", *train_metrics(), "precision", "launch", "rank_table"]
     assert RunRecord.from_dict(d) == record and record.addition == "rank table"
 
 
@@ -154,3 +167,9 @@ def test_a_newer_schema_version_is_refused_naming_the_file(tmp_path):
     for bad in (0, "2", True, None):
         with pytest.raises(RunRecordError, match="schema_version must be a positive integer"):
             RunRecord.from_dict({**train_metrics(), "schema_version": bad})
+
+
+def test_an_older_mixed_precision_record_reads_as_float16():
+    old = {**train_metrics(), "mixed_precision": True}  # version 1: no precision key
+    assert RunRecord.from_dict(old).precision == "float16"
+    assert RunRecord.from_dict({**old, "schema_version": 2}).precision == "float16"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -92,20 +93,27 @@ def test_training_table_shares_the_synthetic_ceiling_and_computes_efficiency():
     assert "2 CPU cores, no GPU" in fig._suptitle.get_text()
 
 
-def test_pinned_runs_scale_against_pinned_runs_only_and_repeats_keep_the_newest():
+def test_pinned_runs_scale_against_pinned_runs_only_and_repeats_keep_the_newest(tmp_path):
     runs = [
         record("shared1", "optimized", 1, 10.0),
         record("pin1", "optimized", 1, 6.0, pin=1),
         record("pin2", "optimized", 2, 11.4, pin=1),
         record("pin2-old", "optimized", 2, 3.0, pin=1),
     ]
-    runs[2]["run_dir"], runs[3]["run_dir"] = "/nonexistent-new", "/nonexistent-old"
+    # two real run folders; the finish time is their metrics.json's mtime. The older one
+    # is written last and its run_id sorts last, so neither the write order nor a
+    # tie-break by run_id can pick the newest: only the finish times can
+    for rec, finished in ((runs[2], 1_700_000_600), (runs[3], 1_700_000_000)):
+        rec["run_dir"] = str(tmp_path / "train" / rec["run_id"])
+        _write_run(tmp_path / "train" / rec["run_id"], rec)
+        os.utime(tmp_path / "train" / rec["run_id"] / "metrics.json", (finished, finished))
     table = summary.training_table(runs).set_index("run_id")
-    assert "pin2-old" not in table.index or "pin2" not in table.index  # one of the repeats
-    kept = table.loc[table["ranks"] == 2].iloc[0]
-    assert kept["repeats"] == 2
+    assert "pin2-old" not in table.index and "pin2" in table.index  # the newest repeat
+    kept = table.loc["pin2"]
+    assert kept["repeats"] == 2 and kept["finished"] == 1_700_000_600
+    assert kept["images_per_sec"] == 11.4
     # weak scaling: against the pinned 1-rank run, never the shared-cores one
-    assert kept["scaling_efficiency"] == pytest.approx(kept["images_per_sec"] / (2 * 6.0))
+    assert kept["scaling_efficiency"] == pytest.approx(11.4 / (2 * 6.0))
     assert kept["scaling_kind"] == "weak: 1 core(s) per rank"
     assert summary.hardware_caption(runs) == "2 CPU cores, no GPU (test CPU)"
 
@@ -165,7 +173,8 @@ def test_verdicts_have_every_claim_and_follow_the_thresholds(tmp_path):
     assert "A100 AMP" in by_id["feeding"]["note"]
     for claim in result["claims"]:
         assert set(claim) == {"id", "question", "measured", "unit", "threshold", "verdict",
-                              "runs", "note"}  # fmt: skip
+                              "runs", "note", "left_out"}  # fmt: skip
+        assert claim["left_out"] == []  # every record of this study was readable
         assert claim["verdict"] in ("supported", "not supported", "not testable here")
     path = verdicts.write_verdicts(result, tmp_path)
     assert json.loads(path.read_text())["hardware"] == "2 CPU cores, no GPU"

@@ -107,6 +107,10 @@ class BenchConfig:
         choices=tuple(OPTIMIZED_STEPS),
     )
     seed: int = option("seed of shuffles and flips", default=0)
+    normalize_in_pipeline: bool = option(
+        "deliver normalised float32 x3 channels (the contract before the model took uint8 grey)",
+        default=False,
+    )
     png_decoder: str = option(
         "PNG decoder of chexlib's pipelines (auto: libspng when installed)",
         default="auto",
@@ -184,5 +188,6 @@ class BenchConfig:
             seed=self.seed,
             cache=self.cache,
             png_decoder=self.png_decoder,
+            normalize_in_pipeline=self.normalize_in_pipeline,
             **without_steps(*self.disable),
         )

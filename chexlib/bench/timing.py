@@ -9,6 +9,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from chexlib.bench.config import SIMULATED, BenchConfig
 from chexlib.bench.peers import PEERS, keras_directory_batches, peer_batches, png_sequence
 from chexlib.data.metadata import load_metadata
@@ -27,6 +29,7 @@ class Timing:
     cpu_sec: float = 0.0  # CPU time of this process (all its threads) while timed
     stall_sec: float = 0.0  # waiting for the next batch
     busy_sec: float = 0.0  # simulated device busy
+    batch_bytes: int = 0  # bytes of the images of one batch (what a host-to-device copy moves)
 
     def summary(self, device_rate: float | None) -> dict:
         rates = self.window_rates
@@ -46,6 +49,7 @@ class Timing:
             "process_cores_busy": self.cpu_sec / self.wall_sec if self.wall_sec else 0.0,
             "input_stall_sec": self.stall_sec,
             "stall_fraction": self.stall_sec / self.wall_sec if self.wall_sec else 0.0,
+            "bytes_per_batch": self.batch_bytes,
         }
         if device_rate:
             out.update(
@@ -106,6 +110,7 @@ def time_batches(
             timing.stall_sec += time.perf_counter() - a
             n = int(batch[0].shape[0])
             images += n
+            timing.batch_bytes = _nbytes(batch[0])
             if device_rate:  # busy time is the intended one: sleep overshoot counts as idle
                 time.sleep(n / device_rate)
                 timing.busy_sec += n / device_rate
@@ -117,6 +122,12 @@ def time_batches(
     timing.load_average = (load_before, _load())
     bar.close()
     return timing
+
+
+def _nbytes(images) -> int:
+    """Bytes of a batch of images, a tensor or an array, from its shape and dtype."""
+    dtype = images.dtype  # numpy's has itemsize, TensorFlow's size
+    return int(np.prod(images.shape)) * int(getattr(dtype, "itemsize", None) or dtype.size)
 
 
 def _load() -> float:

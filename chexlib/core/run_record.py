@@ -22,8 +22,9 @@ from pathlib import Path
 
 from chexlib.core.files import read_json
 
-# 1: the records before versions; 2: schema_version written, additions named, not numbered.
-SCHEMA_VERSION = 2
+# 1: the records before versions; 2: schema_version written, additions named, not numbered;
+# 3: precision (an older record reads as float16 if mixed_precision, else float32).
+SCHEMA_VERSION = 3
 
 CEILING_KEYS = (  # what ``chexlib.report.training.ceiling_metrics`` returns
     "synthetic_images_per_sec",
@@ -100,9 +101,10 @@ class RunRecord:
     wall_seconds: float
     pin_cores: int  # 0: ranks share all cores
     cores_per_rank: list
-    mixed_precision: bool
+    mixed_precision: bool  # compute below float32 (precision bfloat16 or float16)
     xla: bool
     environment: dict
+    precision: str | None = None  # "float32", "bfloat16" or "float16" (read in from older records)
 
     # A launcher's additions: the launch mode, the synthetic-data ceiling
     # (report.training.ceiling_metrics) and the figures saved (with_ceiling); or the
@@ -155,6 +157,8 @@ class RunRecord:
                 f"written by a newer chexlib (run record schema {version}; this one reads "
                 f"up to {SCHEMA_VERSION}): upgrade chexlib to read it"
             )
+        if version < 3 and "precision" not in d:  # only mixed float16 existed before
+            d["precision"] = "float16" if d.get("mixed_precision") else "float32"
         known = {f.name: f for f in fields(cls)}
         unknown = [k for k in d if k not in known]
         missing = [k for k, f in known.items() if k not in d and not _has_default(f)]

@@ -36,7 +36,9 @@ def _flatten(prefix: str, value, into: dict) -> None:
         into[prefix] = value
 
 
-def collect_runs(study_dir: str | Path, on_error: str = "warn") -> list[dict]:
+def collect_runs(
+    study_dir: str | Path, on_error: str = "warn", problems: list | None = None
+) -> list[dict]:
     """Every complete run under ``study_dir/<stage>/<run_id>/`` as a nested record.
 
     Each record has ``stage``, ``run_id``, ``run_dir``, ``parameters`` (what
@@ -49,6 +51,9 @@ def collect_runs(study_dir: str | Path, on_error: str = "warn") -> list[dict]:
             :class:`RecordWarning` naming the file (a summary of the other runs
             is still worth having); ``"raise"`` raises the error
             (:class:`RecordError` or ``OSError``).
+        problems: a list to add each run left out to instead of warning (with
+            ``"warn"``): ``{"run_dir", "stage", "notebook", "problem"}``, also for
+            a run marked complete whose ``metrics.json`` is missing (not warned).
     """
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', not {on_error!r}")
@@ -59,11 +64,37 @@ def collect_runs(study_dir: str | Path, on_error: str = "warn") -> list[dict]:
         except (RecordError, OSError) as err:
             if on_error == "raise":
                 raise
-            warnings.warn(f"run left out: {err}", RecordWarning, stacklevel=2)
+            if problems is None:
+                warnings.warn(f"run left out: {err}", RecordWarning, stacklevel=2)
+            else:
+                problems.append(_problem(marker, str(err)))
             continue
         if record is not None:
             records.append(record)
+        elif problems is not None and _complete_without_metrics(marker):
+            problems.append(
+                _problem(marker, "metrics.json is missing (the run is marked complete)")
+            )
     return records
+
+
+def _problem(marker: Path, problem: str) -> dict:
+    """A run left out of a collection: its folder, stage, notebook (when known) and why."""
+    try:
+        notebook = read_json(marker, expect=dict).get("notebook")
+    except (RecordError, OSError):
+        notebook = None
+    return {
+        "run_dir": str(marker.parent),
+        "stage": marker.parent.parent.name,
+        "notebook": notebook if isinstance(notebook, str) else None,
+        "problem": problem,
+    }
+
+
+def _complete_without_metrics(marker: Path) -> bool:
+    run = read_json(marker, expect=dict)  # read a moment ago by _run_record
+    return run.get("status") == "complete" and not (marker.parent / "metrics.json").exists()
 
 
 def _run_record(marker: Path) -> dict | None:

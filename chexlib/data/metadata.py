@@ -77,7 +77,6 @@ def find_csv(data_dir: str | Path) -> Path:
     raise DataError(f"{data_dir}: no {' or '.join(CSV_NAMES)} found")
 
 
-
 def _scan_images(data_dir: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
     """(name -> path of each image file, name -> why a ``*.png`` entry is not a file)."""
     data_dir = Path(data_dir).resolve()
@@ -304,7 +303,27 @@ def assign_splits(
     n_val = int(np.searchsorted(cumulative, target)) + 1 if target > 0 else 0
     val_patients = set(order[:n_val].tolist())
     split[in_tv & entries["patient_id"].isin(val_patients)] = "val"
+    _refuse_empty_train(split, len(counts), val_fraction, seed, where)
     return split
+
+
+def _refuse_empty_train(
+    split: pd.Series, patients: int, val_fraction: float, seed: int, where: str
+) -> None:
+    """No training without training images: the train split must keep at least one."""
+    counts = {name: int((split == name).sum()) for name in SPLITS}
+    if counts["train"]:
+        return
+    shown = ", ".join(f"{name} {n}" for name, n in counts.items())
+    if counts["val"] == 0:
+        why = f"{TRAIN_VAL_LIST} lists no image"
+    else:
+        why = (
+            f"the patient-wise validation split (val_fraction {val_fraction}, seed {seed}) "
+            f"moved all {counts['val']} train_val image(s), of {patients} patient(s), to val; "
+            "lower val_fraction or add patients"
+        )
+    raise DataError(f"{where}the train split is empty (images: {shown}): {why}")
 
 
 def _refuse_patients_in_both(entries: pd.DataFrame, test: set[str], where: str) -> None:

@@ -58,7 +58,7 @@ import pandas as pd
 from chexlib.core.files import read_json, write_json
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.data.metadata import LABELS, load_metadata
-from chexlib.train.models import HEAD_NAME, PIPELINE_MODEL, build_model
+from chexlib.train.models import HEAD_NAME, build_model
 
 BBOX_NAME = "BBox_List_2017.csv"
 # NIH's box list spells one finding differently from Data_Entry_2017.csv.
@@ -226,8 +226,16 @@ def box_mask(box, shape: tuple[int, int]) -> np.ndarray:
 
 
 def peak(heat: np.ndarray) -> tuple[int, int]:
-    """(row, col) of the heatmap's maximum (the first, if tied)."""
-    return tuple(int(i) for i in np.unravel_index(np.argmax(heat), heat.shape))
+    """(row, col) of the heatmap's maximum; of tied maxima, the one nearest the map's centre.
+
+    Upsampling holds a border cell's value from the image's edge to the cell's
+    centre, so a strongest border cell is a plateau of equal maxima that ends at
+    its centre: the tie nearest the middle is that centre, where the cell looks.
+    """
+    rows, cols = np.nonzero(heat == np.max(heat))
+    centre = (np.array(heat.shape) - 1) / 2
+    nearest = np.argmin((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
+    return int(rows[nearest]), int(cols[nearest])
 
 
 def pointing_hit(heat: np.ndarray, box) -> bool:
@@ -502,15 +510,13 @@ def heatmaps(
 
 
 def load_images(paths, size: int, model: str) -> tuple[np.ndarray, np.ndarray, list]:
-    """``(gray uint8 [N, S, S], model input float32 [N, S, S, 3], stored (height, width))``.
+    """``(gray uint8 [N, S, S], model input uint8 [N, S, S, 1], stored (height, width))``.
 
     The evaluation path of :mod:`chexlib.pipeline.builders`: decode to one channel,
-    ``resize_gray`` to the model input, ``normalize`` for the model; no flip.
+    ``resize_gray`` to the model input; no flip. The model normalises its uint8
+    input itself (the uint8 input contract), as in training.
     """
     import tensorflow as tf
-
-    # here: it loads TensorFlow; importing this module does not
-    from chexlib.pipeline.builders import normalize
 
     # here: it loads TensorFlow; importing this module does not
     from chexlib.pipeline.decode import decode_png_gray, resize_gray
@@ -520,8 +526,8 @@ def load_images(paths, size: int, model: str) -> tuple[np.ndarray, np.ndarray, l
         gray = decode_png_gray(tf.io.read_file(str(path)))
         stored.append(tuple(int(v) for v in gray.shape[:2]))
         grays.append(resize_gray(gray, size))
-    batch = tf.stack(grays)
-    return batch[..., 0].numpy(), normalize(batch, PIPELINE_MODEL[model]).numpy(), stored
+    batch = tf.stack(grays).numpy()
+    return batch[..., 0], batch, stored
 
 
 # --- the whole run --------------------------------------------------------------------

@@ -12,13 +12,17 @@ Every dataset built here goes through ONE preprocessing path
    ``uint8`` so a cached image is bit-identical to a freshly decoded one;
    an image stored at that size already (compact records) passes through;
 3. random horizontal flip, in training only (on the ``uint8`` channel);
-4. normalise ONCE as the model's ImageNet weights expect (the poster's code
-   divided by 255 twice) and replicate the channel to three, with a 256 x 3
-   lookup table: a grey level has only 256 values.
+4. deliver the ``uint8`` grey channel (the uint8 input contract): the model's
+   first layer (:mod:`chexlib.train.gray_input`) normalises it ONCE as its
+   ImageNet weights expect (the poster's code divided by 255 twice) and
+   replicates it to three channels with a 256 x 3 lookup table, on the device
+   that runs the model: 12x fewer bytes per batch than three float32 channels,
+   and no normalising on the CPU. ``normalize_in_pipeline=True`` does that
+   step here instead (for other models, and to measure what the contract saves).
 
 Steps 2-4 are two functions, as the official models split a decoder from a
 parser with per-element and per-batch parts: :func:`parse_element` (resize,
-draw the flip) and :func:`parse_batch` (apply the flips, normalise), which
+draw the flip) and :func:`parse_batch` (apply the flips), which
 take one image or a whole batch. ``build_dataset`` runs exactly these two.
 
 Two pipelines differ only in how the work is scheduled:
@@ -165,17 +169,28 @@ def parse_element(gray: tf.Tensor, image_size: int, training: bool, seed=None):
     return resize_gray(gray, image_size), flip
 
 
-def parse_batch(images: tf.Tensor, flips: tf.Tensor, model: str, training: bool) -> tf.Tensor:
-    """The per-batch half: flip where drawn (training only), normalise once for ``model``
-    and replicate to three channels. Takes one image ``[S, S, 1]`` with a scalar flip or a
-    batch ``[B, S, S, 1]`` with ``[B]`` flips (the optimized pipeline's vectorized step)."""
-    return normalize(apply_flips(images, flips) if training else images, model)
+def parse_batch(
+    images: tf.Tensor, flips: tf.Tensor, model: str, training: bool, normalized: bool = False
+) -> tf.Tensor:
+    """The per-batch half: flip where drawn (training only); the uint8 grey images as
+    they are (the model normalises them), or with ``normalized`` normalised once for
+    ``model`` and replicated to three channels. Takes one image ``[S, S, 1]`` with a
+    scalar flip or a batch ``[B, S, S, 1]`` with ``[B]`` flips (the optimized
+    pipeline's vectorized step)."""
+    images = apply_flips(images, flips) if training else images
+    return normalize(images, model) if normalized else images
 
 
 def preprocess_image(
-    gray, image_size: int, model: str = "densenet121", training: bool = False, seed=None
+    gray,
+    image_size: int,
+    model: str = "densenet121",
+    training: bool = False,
+    seed=None,
+    normalized: bool = False,
 ) -> tf.Tensor:
-    """The ONE preprocessing path: ``uint8 [H, W, 1]`` -> ``float32 [S, S, 3]``.
+    """The ONE preprocessing path: ``uint8 [H, W, 1]`` -> ``uint8 [S, S, 1]`` (the model
+    normalises), or ``float32 [S, S, 3]`` with ``normalized``.
 
     :func:`parse_element` then :func:`parse_batch` on one image: what every
     pipeline does, per image (naive) or with the second half on whole batches
@@ -187,7 +202,8 @@ def preprocess_image(
         raise TypeError(f"preprocess_image takes uint8 images, not {gray.dtype.name}")
     if gray.shape.rank == 2:
         gray = gray[..., tf.newaxis]
-    return parse_batch(*parse_element(gray, image_size, training, seed), model, training)
+    small, flip = parse_element(gray, image_size, training, seed)
+    return parse_batch(small, flip, model, training, normalized)
 
 
 # --- sources: the per-file stage -------------------------------------------------
@@ -209,8 +225,9 @@ def _record_decoder(image_format: str | None, cfg: PipelineConfig):
     def decode(serialized):
         ex = _parse_record(serialized)
         encoded, height, width = ex["image/encoded"], ex["image/height"], ex["image/width"]
-        if image_format == "png":
-            gray = decode_png_reduced(encoded, size, png_decoder)
+        if image_format == "png":  # an image that does not decode fails naming its record
+            record = tf.strings.join(["record ", ex["image/filename"]])
+            gray = decode_png_reduced(encoded, size, png_decoder, name=record)
         elif image_format is not None:
             gray = decode_gray(encoded, image_format, height, width)
         else:  # the manifest does not say: choose per record
@@ -229,11 +246,13 @@ def _record_decoder(image_format: str | None, cfg: PipelineConfig):
 
 
 def _raw_decoder(cfg: PipelineConfig):
-    """(path, labels, name) -> (float32 box-reduced image, labels, name)."""
+    """(path, labels, name) -> (float32 box-reduced image, labels, name); a file that
+    does not decode fails naming its path (:func:`chexlib.pipeline.decode.bad_image`)."""
     size, png_decoder = cfg.image_size, cfg.png_decoder
 
     def decode(path, labels, name):
-        return decode_png_reduced(tf.io.read_file(path), size, png_decoder), labels, name
+        encoded = tf.io.read_file(path)
+        return decode_png_reduced(encoded, size, png_decoder, name=path), labels, name
 
     return decode
 
@@ -373,11 +392,11 @@ def _per_record_stage(
         small, flip = parse_element(gray, size, training, seed)
         if cfg.vectorized_normalize:  # the per-batch half after batching
             return (small, flip, labels, name)
-        image = parse_batch(small, flip, model, training)
+        image = parse_batch(small, flip, model, training, cfg.normalize_in_pipeline)
         return (image, labels, name) if cfg.return_names else (image, labels)
 
     def whole_batch(images, flips, labels, names):
-        images = parse_batch(images, flips, model, training)
+        images = parse_batch(images, flips, model, training, cfg.normalize_in_pipeline)
         return (images, labels, names) if cfg.return_names else (images, labels)
 
     ds = ds.map(element, num_parallel_calls=calls, deterministic=det)
@@ -393,8 +412,9 @@ def _decode_resize(decode, size, *e):
 
 
 def synthetic_dataset(batch_size: int, image_size: int, seed: int = 0) -> tf.data.Dataset:
-    """One random batch repeated forever: no input cost, so the model's throughput ceiling."""
+    """One random batch repeated forever: no input cost, so the model's throughput ceiling.
+    Random uint8 grey images, as the pipelines deliver them."""
     rng = np.random.default_rng(seed)
-    images = rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32)
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 1), dtype=np.uint8)
     labels = (rng.random((batch_size, len(LABELS))) < 0.1).astype(np.float32)
     return tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(AUTOTUNE)

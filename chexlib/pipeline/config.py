@@ -74,7 +74,13 @@ class PipelineConfig:
         training: training dataset (shuffled, flipped, repeated, static
             batch) or evaluation (every image once, in order). None: the
             split is ``"train"``.
-        model: ``"densenet121"`` or ``"resnet50"``; picks the normalisation.
+        model: ``"densenet121"`` or ``"resnet50"``; picks the normalisation
+            (``normalize_in_pipeline`` only).
+        normalize_in_pipeline: deliver the model's normalised three float32
+            channels (``[B, S, S, 3]``) instead of the uint8 contract's one grey
+            channel (``uint8 [B, S, S, 1]``, normalised by the model's first
+            layer, :mod:`chexlib.train.gray_input`): for a model without that
+            layer, and for measuring what the contract saves.
         num_shards: number of workers reading disjoint parts (Horovod ranks).
         shard_index: this worker's part, ``0 <= shard_index < num_shards``.
         seed: seed of the file/record shuffles and of the flips.
@@ -93,7 +99,7 @@ class PipelineConfig:
         shuffle_buffer: records in the shuffle buffer (training; 0: none).
         parallel_map: preprocess elements in parallel (else one at a time).
         map_parallelism: parallel calls of the map; None lets AUTOTUNE pick.
-        vectorized_normalize: flip and normalise whole batches after
+        vectorized_normalize: flip (and normalise) whole batches after
             ``batch`` (a few large ops per batch, the tf.data guide's
             "vectorized mapping") instead of one image at a time inside the
             per-element map. The flip of each image is decided per element
@@ -125,6 +131,7 @@ class PipelineConfig:
     image_size: int = MODEL_INPUT_SIZE
     training: bool | None = None
     model: str = "densenet121"
+    normalize_in_pipeline: bool = False
     num_shards: int = 1
     shard_index: int = 0
     seed: int = 0

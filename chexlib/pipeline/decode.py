@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import re
 import threading
 import time
 
 import numpy as np
 import tensorflow as tf
 
+from chexlib.data.png import PNG_SIGNATURE
 from chexlib.pipeline import spng
 
 DECODERS = ("auto", "tensorflow", "libspng")
@@ -158,27 +160,101 @@ def drain_python_calls(quiet_sec: float = 0.5, limit_sec: float = 60.0) -> bool:
     return False
 
 
+# --- naming the image a decode failed on ---------------------------------------------
+#
+# A failure inside a tf.data map reaches the caller as a TensorFlow error naming an op,
+# not the element. Given the element's ``name`` (a file's path, a record's image), the
+# decoders below first check the PNG signature (a string compare: tf.io.decode_png
+# fails on HTML or GIF bytes and silently decodes JPEG bytes, which chexlib validate
+# and convert refuse), and libspng's errors carry the name; both fail with
+# ``<<chexlib bad image|NAME|REASON>>`` in the message, which :func:`bad_image` finds.
+
+_BAD_IMAGE = re.compile(r"<<chexlib bad image\|([^\n]*)\|([^|\n]*?)>>")
+
+
+def bad_image(message: str) -> str | None:
+    """``"NAME: reason"`` when a TensorFlow error message is a decode failure of a named
+    image (see above), else None."""
+    found = _BAD_IMAGE.search(message)
+    return f"{found.group(1)}: {found.group(2)}" if found else None
+
+
+def _marked(name, reason) -> list:
+    """The failure's text in parts (strings or string tensors) to join."""
+    return ["<<chexlib bad image|", name, "|", reason, ">>"]
+
+
+def _signature_checked(encoded: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
+    """``encoded``, once its first bytes are PNG's signature (else a named failure)."""
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE)
+    reason = "not a PNG file (no PNG signature; `chexlib validate` names its format)"
+    check = tf.debugging.Assert(is_png, [tf.strings.join(_marked(name, reason))])
+    with tf.control_dependencies([check]):
+        return tf.identity(encoded)
+
+
+def _with_error(fn, dtype):
+    """``fn(data)`` as ``call(data) -> (result, b"")``, or ``(empty, reason)`` when it
+    raises: the failure is reported by an assertion naming the image, not by a Python
+    exception inside TensorFlow (which logs its traceback)."""
+
+    @functools.wraps(fn)
+    def call(data):
+        try:
+            return fn(data), b""
+        except Exception as err:  # noqa: BLE001 -- any decode failure, named after
+            return np.zeros((0, 0), dtype.as_numpy_dtype), str(err).encode(errors="replace")
+
+    return call
+
+
+def _spng_call(fn, encoded: tf.Tensor, name: tf.Tensor | None, dtype) -> tf.Tensor:
+    """``fn(encoded bytes)`` through ``tf.numpy_function``, counted, its errors naming ``name``."""
+    if name is None:
+        return tf.numpy_function(_counted(fn), [encoded], dtype, stateful=False)
+    out, error = tf.numpy_function(
+        _counted(_with_error(fn, dtype)), [encoded], [dtype, tf.string], stateful=False
+    )
+    reason = tf.strings.join(["cannot decode (", error, ")"])
+    check = tf.debugging.Assert(tf.equal(error, ""), [tf.strings.join(_marked(name, reason))])
+    with tf.control_dependencies([check]):
+        return tf.identity(out)
+
+
 # --- decoding ---------------------------------------------------------------------
 
 
-def decode_png_gray(encoded: tf.Tensor, decoder: str = "tensorflow") -> tf.Tensor:
-    """PNG bytes -> ``uint8 [H, W, 1]`` (RGB/RGBA reduced to luma, 16-bit scaled to 8)."""
+def decode_png_gray(
+    encoded: tf.Tensor, decoder: str = "tensorflow", name: tf.Tensor | None = None
+) -> tf.Tensor:
+    """PNG bytes -> ``uint8 [H, W, 1]`` (RGB/RGBA reduced to luma, 16-bit scaled to 8).
+
+    ``name`` (a string tensor: the file or record): bytes that are not a PNG, or that
+    libspng cannot decode, fail with an error naming it (:func:`bad_image`).
+    """
+    if name is not None:
+        encoded = _signature_checked(encoded, name)
     if resolve_decoder(decoder) == "tensorflow":
         return tf.io.decode_png(encoded, channels=1, dtype=tf.uint8)
 
     def with_spng():
-        gray = tf.numpy_function(_counted(spng.decode_gray8), [encoded], tf.uint8, stateful=False)
+        gray = _spng_call(spng.decode_gray8, encoded, name, tf.uint8)
         return tf.ensure_shape(gray, [None, None])[..., tf.newaxis]
 
     return _by_layout(encoded, with_spng, lambda: tf.io.decode_png(encoded, channels=1))
 
 
-def decode_png_reduced(encoded: tf.Tensor, size: int, decoder: str = "tensorflow") -> tf.Tensor:
+def decode_png_reduced(
+    encoded: tf.Tensor, size: int, decoder: str = "tensorflow", name: tf.Tensor | None = None
+) -> tf.Tensor:
     """PNG bytes -> ``float32 [H/f, W/f, 1]``: decoded and box-reduced (:func:`box_reduce`).
 
     With libspng both steps run in one NumPy call without the GIL; the result
-    equals TensorFlow's decode followed by :func:`box_reduce`.
+    equals TensorFlow's decode followed by :func:`box_reduce`. ``name``: as in
+    :func:`decode_png_gray`.
     """
+    if name is not None:
+        encoded = _signature_checked(encoded, name)
     if resolve_decoder(decoder) == "tensorflow":
         return box_reduce(decode_png_gray(encoded), size)
 
@@ -186,7 +262,7 @@ def decode_png_reduced(encoded: tf.Tensor, size: int, decoder: str = "tensorflow
         def decode(data):
             return box_reduce_numpy(spng.decode_gray8(data), size)
 
-        small = tf.numpy_function(_counted(decode), [encoded], tf.float32, stateful=False)
+        small = _spng_call(decode, encoded, name, tf.float32)
         return tf.ensure_shape(small, [None, None])[..., tf.newaxis]
 
     return _by_layout(encoded, with_spng, lambda: box_reduce(decode_png_gray(encoded), size))

@@ -37,6 +37,7 @@ The records modules, in the order the data flows:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,9 +47,12 @@ from chexlib.core.files import write_json
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.data.fingerprint import metadata_fingerprint
 from chexlib.data.metadata import LABELS, SPLITS, load_metadata
+from chexlib.data.png import decode_grayscale
 from chexlib.records.manifest import read_manifest
 from chexlib.records.shards import (
+    ConvertSettings,
     RecordsError,
+    encode_image,
     sha256_file,
 )
 
@@ -145,8 +149,67 @@ def _expected_records(df, manifest: dict) -> dict:
     }
 
 
+def _content_checker(manifest: dict, df) -> Callable[[str, bytes], list[str]]:
+    """What compares a record's stored image with its source file as it is now.
+
+    png variant: the stored bytes must be the file's bytes. compact: the source is
+    resized again as the conversion did (:func:`chexlib.records.shards.encode_image`) and
+    the pixels compared: raw rows may differ by 2 grey levels at most, JPEG by 1 on
+    average (another PIL may round differently; another image differs by tens).
+    """
+    paths = dict(zip(df["image"], df["path"], strict=True))
+    fmt = manifest["format"]
+    compact = None
+    if fmt != "png":
+        quality = (manifest.get("settings") or {}).get("jpeg_quality") or 95
+        compact = ConvertSettings(
+            variant="compact", size=manifest["size"], compact_format=fmt, jpeg_quality=quality
+        )
+
+    def check(name: str, stored: bytes) -> list[str]:
+        path = paths.get(name)
+        if not isinstance(path, str):
+            return ["its source file is missing now: nothing to compare it with"]
+        try:
+            if compact is None:
+                same = Path(path).read_bytes() == stored
+            else:
+                same = _same_pixels(encode_image(path, compact)[0], stored, fmt)
+        except OSError as err:  # BadImage names the file and the reason
+            return [f"its source cannot be compared: {err}"]
+        if same:
+            return []
+        return [
+            f"stored image differs from its source file {path} (replaced after the "
+            "conversion? rerun chexlib convert)"
+        ]
+
+    return check
+
+
+def _same_pixels(expected: bytes, stored: bytes, fmt: str) -> bool:
+    """Whether two compact images (raw rows or JPEG) hold the same picture (see above)."""
+
+    def pixels(data: bytes) -> np.ndarray:
+        if fmt == "raw":
+            return np.frombuffer(data, np.uint8).astype(np.int16)
+        return decode_grayscale(data).astype(np.int16).ravel()
+
+    a, b = pixels(expected), pixels(stored)
+    if a.shape != b.shape:
+        return False
+    diff = np.abs(a - b)
+    return bool(diff.max(initial=0) <= 2) if fmt == "raw" else bool(diff.mean() <= 1.0)
+
+
 def _check_record(
-    ex: dict, shard: dict, manifest: dict, expected: dict, seen: dict, decode: bool
+    ex: dict,
+    shard: dict,
+    manifest: dict,
+    expected: dict,
+    seen: dict,
+    decode: bool,
+    content: Callable[[str, bytes], list[str]] | None = None,
 ) -> list[str]:
     name = ex["image/filename"].decode()
     where = f"{shard['file']}: {name}"
@@ -177,6 +240,8 @@ def _check_record(
         problems.append(f"{len(ex['image/encoded'])} raw bytes for {h}x{w}")
     if decode and fmt in ("png", "jpeg"):
         problems += _decode_problems(ex["image/encoded"], fmt, h, w)
+    if content is not None:
+        problems += content(name, ex["image/encoded"])
     return [f"{where}: {p}" for p in problems]
 
 
@@ -199,7 +264,13 @@ def _decode_problems(encoded: bytes, fmt: str, h: int, w: int) -> list[str]:
 
 
 def _verify_shard(
-    path: Path, shard: dict, manifest: dict, expected: dict, seen: dict, decode: bool
+    path: Path,
+    shard: dict,
+    manifest: dict,
+    expected: dict,
+    seen: dict,
+    decode: bool,
+    content: Callable[[str, bytes], list[str]] | None = None,
 ) -> list[str]:
     import tensorflow as tf
 
@@ -216,7 +287,7 @@ def _verify_shard(
     try:
         for ex in tf.data.TFRecordDataset(str(path)).map(parse_example).as_numpy_iterator():
             n += 1
-            problems += _check_record(ex, shard, manifest, expected, seen, decode)
+            problems += _check_record(ex, shard, manifest, expected, seen, decode, content)
     except tf.errors.OpError as err:
         problems.append(
             f"{shard['file']}: unreadable after {n} records ({err.message.splitlines()[0]})"
@@ -235,11 +306,16 @@ def verify_records(
     record's file name, split, labels, patient id, format and size against the
     metadata (loaded with the conversion's val_fraction and seed); then that
     every image of the metadata is in exactly one record or listed as skipped.
+    When the dataset's fingerprint differs from the converted one (a file
+    replaced, touched or removed), or with ``decode``, each record's image is
+    also compared with its source file (:func:`_content_checker`): a replaced
+    image is a difference naming it, not only a note.
 
     Args:
         records_dir: output folder of :func:`convert`.
         data_dir: the dataset that was converted.
-        decode: also decode every PNG/JPEG image (slow for the png variant).
+        decode: also decode every PNG/JPEG image and compare every image with its
+            source file (slow: reads the dataset again).
         progress: show a progress bar over shards.
     """
     from tqdm.auto import tqdm
@@ -251,11 +327,14 @@ def verify_records(
         data_dir, val_fraction=settings["val_fraction"], seed=settings["seed"], allow_missing=True
     )
     report = VerifyReport(str(out))
-    if metadata_fingerprint(df) != manifest["source"]["fingerprint"]:
+    changed = metadata_fingerprint(df) != manifest["source"]["fingerprint"]
+    if changed:
         report.notes.append(
             "the dataset's fingerprint (CSV, lists, file sizes and times) differs from the "
-            "converted one; records are checked against the metadata as it is now"
+            "converted one; records are checked against the metadata as it is now, and "
+            "every record's image against its source file"
         )
+    content = _content_checker(manifest, df) if changed or decode else None
     expected, seen = _expected_records(df, manifest), {}
     listed = {s["file"] for s in manifest["shards"]}
     report.differences += [
@@ -265,13 +344,19 @@ def verify_records(
     ]
     for shard in tqdm(manifest["shards"], unit="shard", desc="verify", disable=not progress):
         report.differences += _verify_shard(
-            out / shard["file"], shard, manifest, expected, seen, decode
+            out / shard["file"], shard, manifest, expected, seen, decode, content
         )
     report.differences += [
         f"{image} ({split}): in the metadata but in no record and not listed as skipped"
         for image, (split, _, _) in expected.items()
         if image not in seen
     ]
+    _count_splits(report, manifest, expected, seen)
+    return report
+
+
+def _count_splits(report: VerifyReport, manifest: dict, expected: dict, seen: dict) -> None:
+    """Per split: records expected, read and counted by the manifest (a difference if unequal)."""
     for split in SPLITS:
         want = sum(1 for s, _, _ in expected.values() if s == split)
         got = sum(1 for image in seen if expected[image][0] == split)
@@ -285,7 +370,6 @@ def verify_records(
                 f"{split}: manifest counts {manifest['splits'][split]['records']} records, "
                 f"the metadata expects {want}"
             )
-    return report
 
 
 # --- command line (``chexlib convert``'s is in chexlib.records.convert) ------------
@@ -297,7 +381,10 @@ class VerifyRecordsCommand:
 
     out_dir: str = option("output folder of chexlib convert", positional=True)
     data: str = option("the dataset folder that was converted")
-    decode: bool = option("also decode every PNG/JPEG image (slow)", default=False)
+    decode: bool = option(
+        "also decode every PNG/JPEG image and compare each image with its source file (slow)",
+        default=False,
+    )
     json: str | None = option("also write the report as JSON here", default=None)
     progress: bool = option("hide the progress bar", default=True)  # the switch is --no-progress
 

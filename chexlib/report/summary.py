@@ -11,6 +11,7 @@ Reporting layer: pandas only, never TensorFlow.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from chexlib.core.reference import (
     POSTER_VAL_AUROC,
 )
 from chexlib.core.run_record import RunRecord, RunRecordError, is_training_record
-from chexlib.core.runs import collect_runs
+from chexlib.core.runs import RecordWarning, collect_runs
 from chexlib.data.metadata import LABELS
 from chexlib.records.manifest import manifest_if_any
 from chexlib.report.feeding import input_costs, projection
@@ -38,7 +39,7 @@ MODEL_ORDER = ["standin", "densenet121", "resnet50", "tiny"]
 INPUT_BOUND_BELOW = 0.9
 # Everything but the number of ranks that makes two runs comparable.
 CONFIG = ["model", "pipeline", "input", "pin_cores", "image_size", "batch_size_per_rank",
-          "mixed_precision", "xla"]  # fmt: skip
+          "precision", "xla"]  # fmt: skip
 # A run that evaluated (a learning run) is not a repeat of a throughput run.
 RUN_KEY = [*CONFIG, "ranks", "epochs", "evaluated", "synthetic_paired"]
 
@@ -98,7 +99,7 @@ def _training_row(rec: dict) -> dict:
         "epochs": run.epochs,
         "image_size": run.image_size,
         "batch_size_per_rank": run.batch_size_per_rank,
-        "mixed_precision": bool(run.mixed_precision),
+        "precision": run.precision,
         "xla": bool(run.xla),
         "hardware": env.get("hardware"),
         "cpu_count": env.get("cpu_count"),
@@ -113,7 +114,7 @@ TRAINING_COLUMNS = [
     "images_per_sec_ci95", "images_per_sec_per_rank", "synthetic_images_per_sec",
     "fraction_of_synthetic", "fraction_min", "fraction_max", "model_ms_per_image",
     "synthetic_paired", "mean_auroc", "auroc_split", "epochs", "image_size",
-    "batch_size_per_rank", "mixed_precision", "xla", "hardware", "cpu_count", "finished",
+    "batch_size_per_rank", "precision", "xla", "hardware", "cpu_count", "finished",
 ]  # fmt: skip
 
 
@@ -170,7 +171,7 @@ def _share_ceiling(table: pd.DataFrame) -> pd.DataFrame:
     """The synthetic ceiling depends on the model and its configuration, not on the
     input or pipeline: a study may measure it once per configuration and share it."""
     same = ["model", "ranks", "pin_cores", "image_size", "batch_size_per_rank",
-            "mixed_precision", "xla"]  # fmt: skip
+            "precision", "xla"]  # fmt: skip
     shared = table.groupby(same, dropna=False)["synthetic_images_per_sec"].transform("median")
     missing = table["synthetic_images_per_sec"].isna() & shared.notna()
     table["synthetic_shared"] = missing
@@ -355,12 +356,83 @@ def collect_hand_runs(paths, known: list[dict] = ()) -> list[dict]:
     return records
 
 
+# Measured numbers a table computes with: a value that is not a finite number (NaN,
+# a string) would become NaN there and turn a verdict without a word.
+_MEASURED = {
+    "training": ("images_per_sec", "images_per_sec_ci95", "images_per_sec_per_rank",
+                 "synthetic_images_per_sec", "fraction_of_synthetic", "model_ms_per_image",
+                 "mean_auroc"),
+    "localization": ("hit_rate",),
+}  # fmt: skip
+# What the notebook of a run left out measured, when its record could not be read.
+_NOTEBOOK_KINDS = {"03": "profiling", "04": "training", "06": "localization"}
+
+
+def _kind(rec: dict) -> str | None:
+    if is_training_record(rec["metrics"]):
+        return "training"
+    return "localization" if "hit_rate" in rec["metrics"] else None
+
+
+def record_problem(rec: dict) -> str | None:
+    """Why a run's record cannot be used (a measured value that is not a number), or None."""
+    metrics = rec["metrics"]
+    bad = [
+        f"{key} is {repr(metrics[key])[:40]}"
+        for key in _MEASURED.get(_kind(rec), ())
+        if not _number_or_none(metrics.get(key))
+    ]
+    return f"metrics.json: {', '.join(bad)} (not a finite number)" if bad else None
+
+
+def _number_or_none(value) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _notebook_kind(notebook) -> str | None:
+    """What a run's notebook measured (``training``, ...), from its number; None: unknown."""
+    return _NOTEBOOK_KINDS.get(Path(notebook).name[:2]) if notebook else None
+
+
+def usable_records(records: list[dict], left_out: list[dict]) -> list[dict]:
+    """``records`` without those :func:`record_problem` refuses; each of those is added
+    to ``left_out`` (``{"run_dir", "stage", "kind", "problem"}``)."""
+    kept = []
+    for rec in records:
+        problem = record_problem(rec)
+        if problem is None:
+            kept.append(rec)
+        else:
+            run_dir = rec.get("run_dir", rec["run_id"])
+            left_out.append(
+                {"run_dir": run_dir, "stage": rec["stage"], "kind": _kind(rec), "problem": problem}
+            )
+    return kept
+
+
 def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
     """Every table the summary needs, from the run records under ``study_dir``
-    (None or "": none) and the runs made by hand in ``run_dirs``."""
+    (None or "": none) and the runs made by hand in ``run_dirs``.
 
-    records = collect_runs(study_dir) if study_dir else []
+    A run whose record is unreadable, missing (a run marked complete without
+    ``metrics.json``) or holds a measured value that is not a number is left
+    out, with a :class:`RecordWarning` naming its folder; ``left_out`` lists them
+    (``run_dir``, ``stage``, ``kind``: what it measured if known, ``problem``),
+    for the verdicts that might have used them to name them.
+    """
+    unread: list[dict] = []
+    records = collect_runs(study_dir, problems=unread) if study_dir else []
+    left_out = [
+        {"run_dir": p["run_dir"], "stage": p["stage"], "kind": _notebook_kind(p["notebook"]),
+         "problem": p["problem"]}
+        for p in unread
+    ]  # fmt: skip
     records += collect_hand_runs(run_dirs, known=records)
+    records = usable_records(records, left_out)
+    for bad in left_out:
+        warnings.warn(f"run left out: {bad['run_dir']}: {bad['problem']}", RecordWarning, 2)
     by_stage: dict[str, list] = {}
     for rec in records:
         by_stage.setdefault(rec["stage"], []).append(rec)
@@ -380,6 +452,7 @@ def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
             for rec in records
             if "hit_rate" in rec["metrics"]
         ],
+        "left_out": left_out,
         **profiling,
     }
 

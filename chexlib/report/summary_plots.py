@@ -43,9 +43,19 @@ def config_label(row) -> str:
     return f"{ranks}, {pin} core{'s' if pin > 1 else ''}" + (" each" if many else "")
 
 
-def model_title(model: str, part: pd.DataFrame, input_ms: float | None = None) -> str:
-    """Model name, whether its raw-PNG runs are input- or compute-bound, and the two costs."""
+def panel_title(model: str, part: pd.DataFrame) -> str:
+    """The model's name and the compute precision of its runs (every rate depends on it)."""
     name = MODEL_NAMES.get(model, model)
+    if "precision" not in part:
+        return name
+    precisions = sorted(part["precision"].dropna().unique())
+    return f"{name}, {'/'.join(precisions)}" if precisions else name
+
+
+def model_title(model: str, part: pd.DataFrame, input_ms: float | None = None) -> str:
+    """Model name and precision, whether its raw-PNG runs are input- or compute-bound, and
+    the two costs."""
+    name = panel_title(model, part)
     # the model's bound is that of its best feeding: the optimized pipeline on raw PNG
     raw = part[part["input"] == "raw PNG"]
     bound = raw.loc[raw["pipeline"] == "optimized", "bound"].dropna()
@@ -167,7 +177,7 @@ def plot_records_gain(gain: pd.DataFrame, hardware: str = ""):
         ax.legend(fontsize=7)
         ax.axhline(0, color="0.3", lw=1)
         ax.set_xticks(range(len(part)), labels, fontsize=7)
-        ax.set_title(MODEL_NAMES.get(model, model), fontsize=9)
+        ax.set_title(panel_title(model, part), fontsize=9)
         ax.set_ylabel("images/s gain over raw PNG (%)")
     fig.suptitle(f"Poster figure 4: TFRecords over raw PNG, end-to-end ({hardware})", y=1.02)
     fig.tight_layout()
@@ -183,7 +193,8 @@ def plot_scaling(train: pd.DataFrame, hardware: str = "", target: float = 0.85):
         ours.groupby(CONFIG_KEYS, dropna=False)["ranks"].transform("nunique") > 1
     ]  # lines, not dots
     ours["who"] = (ours["model"].map(lambda m: MODEL_NAMES.get(m, m)) + ", " + ours["input"]
-                   + " " + ours["pipeline"] + " (" + ours["scaling_kind"] + ")")  # fmt: skip
+                   + " " + ours["pipeline"] + ", " + ours["precision"]
+                   + " (" + ours["scaling_kind"] + ")")  # fmt: skip
     theirs = poster_scaling()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for who, part in ours.groupby("who", sort=False):
@@ -251,7 +262,7 @@ def plot_ceiling(train: pd.DataFrame, hardware: str = "", target: float = 0.9):
         ax.axhline(target, color=TARGET_COLOR, ls="--", lw=1)
         ax.set_xticks(range(len(part)), part["label"], fontsize=7)
         ax.set_ylim(0, 1.15)
-        ax.set_title(MODEL_NAMES.get(model, model), fontsize=9)
+        ax.set_title(panel_title(model, part), fontsize=9)
         ax.set_ylabel("real / synthetic images/s")
     fig.suptitle(
         f"Real data against the synthetic-data ceiling ({hardware}); red: {target:.0%}; "

@@ -30,6 +30,7 @@ class Claim:
     unit: str
     threshold: float | None
     at_most: bool = False  # the measured value must stay at or under the threshold
+    reads: str = "training"  # the runs it is measured on (a kind of summary.load_study's left_out)
 
 
 CLAIMS = [
@@ -49,10 +50,11 @@ CLAIMS = [
           f"CheXNet's {CHEXNET_MEAN_AUROC} is on NIH's test set, theirs)?", "AUROC", 0.80),
     Claim("localization", "Does Grad-CAM of the best-learning run point at the planted findings "
           "(pointing-game hit rate, averaged over findings with boxes; generated data)?",
-          "hit rate", 0.6),
+          "hit rate", 0.6, reads="localization"),
     Claim("feeding", "PROJECTION: can an 8-GPU node with 112 cores feed each GPU training "
           "DenseNet121 from raw PNG (cores one GPU needs, within its 14-core share)?",
-          "cores per GPU", BIG_NODE["cores"] / BIG_NODE["gpus"], at_most=True),
+          "cores per GPU", BIG_NODE["cores"] / BIG_NODE["gpus"], at_most=True,
+          reads="profiling"),
 ]  # fmt: skip
 
 
@@ -202,11 +204,29 @@ _MEASURE = {
 }
 
 
+_NAMED = 3  # runs left out that a note names; the rest are counted
+
+
+def _left_out_note(left_out: list[dict]) -> str:
+    named = "; ".join(f"{p['run_dir']} ({p['problem']})" for p in left_out[:_NAMED])
+    more = f"; and {len(left_out) - _NAMED} more" if len(left_out) > _NAMED else ""
+    return f"; LEFT OUT, bad record(s) it may have used: {named}{more}"
+
+
 def verdicts(tables: dict) -> dict:
-    """``{"hardware", "claims": [...]}`` for every claim of :data:`CLAIMS`."""
+    """``{"hardware", "left_out", "claims": [...]}`` for every claim of :data:`CLAIMS`.
+
+    A run left out of the tables (``tables["left_out"]``: unreadable or missing
+    record, a measured value that is not a number) that measured what a claim
+    reads (or whose kind is unknown) is named in that claim's note and
+    ``left_out``: its verdict was reached without it.
+    """
     claims = []
+    left_out = list(tables.get("left_out") or [])
     for claim in CLAIMS:
         measured, runs, note = _MEASURE[claim.id](tables)
+        missing = [p for p in left_out if p.get("kind") in (claim.reads, None)]
+        note += _left_out_note(missing) if missing else ""
         claims.append(
             {
                 "id": claim.id,
@@ -217,9 +237,10 @@ def verdicts(tables: dict) -> dict:
                 "verdict": _verdict(claim, measured),
                 "runs": list(runs),
                 "note": note,
+                "left_out": [p["run_dir"] for p in missing],
             }
         )
-    return {"hardware": tables.get("hardware", "unknown"), "claims": claims}
+    return {"hardware": tables.get("hardware", "unknown"), "left_out": left_out, "claims": claims}
 
 
 def write_verdicts(result: dict, out_dir: str | Path) -> Path:
@@ -238,6 +259,14 @@ def _value(claim: dict) -> str:
 def conclusions(result: dict) -> str:
     """Markdown, one line per claim, written from the verdicts and nothing else."""
     lines = [f"Verdicts on {result['hardware']} (`verdicts.json`):", ""]
+    left_out = result.get("left_out") or []
+    if left_out:
+        lines += [
+            f"**{len(left_out)} run(s) left out: their records are bad or missing** "
+            "(rerun them, or restore the record, then rerun the summary):",
+            *(f"- `{p['run_dir']}`: {p['problem']}" for p in left_out),
+            "",
+        ]
     for c in result["claims"]:
         lines.append(f"- **{c['id']}: {c['verdict']}**. {c['question']} {_value(c)}. {c['note']}.")
     return "\n".join(lines)

@@ -20,6 +20,8 @@ and the notebook's own ``params.json``/``metrics.json``, since ``OUTPUT_DIR``
 is set to that folder). A run is complete when its ``run.json`` says so for
 the same parameters; complete runs are skipped, so an interrupted study
 resumes where it stopped. A failed run is reported and the study goes on.
+A collecting stage (the summary) is run again when a run record it read has
+changed since. One study at a time runs in a study folder (``.study.lock``).
 
 A stage (or the whole spec, as a default) can set ``timeout: SECONDS``: a run
 that takes longer has its kernel and the processes it started (Horovod ranks)
@@ -53,7 +55,10 @@ import yaml
 
 from chexlib.core.files import read_json, write_json, write_text_atomic
 from chexlib.core.flags import add_flags, config_from_args, option
+from chexlib.study.inputs import inputs_digest
+from chexlib.study.lock import study_lock
 from chexlib.study.notebook import REPO, run_notebook
+from chexlib.study.safe_yaml import YamlLimitError, safe_load
 
 DEFAULT_OUTPUTS = REPO / "outputs"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -75,6 +80,7 @@ class Run:
     html_name: str | None = None  # name of the HTML rendering; default: the notebook's
     collects: bool = False  # a one-run stage reading every earlier run (the summary)
     timeout: float | None = None  # seconds the run may take; then its kernel is stopped
+    study_dir: Path | None = None  # the folder whose runs a collecting run reads
 
     @property
     def run_id(self) -> str:
@@ -126,7 +132,8 @@ def _substitute(value, variables: dict, where: str):
             name = match.group(1)
             if name not in variables:
                 raise SpecError(
-                    f"{where}: unknown placeholder {{{name}}}; known: {sorted(variables)}"
+                    f"{where}: unknown placeholder {{{_cut(name)}}}; "
+                    f"known: {_echo(sorted(variables))}"
                 )
             return str(variables[name])
 
@@ -152,35 +159,52 @@ def _kind(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
+_ECHOED = 80  # characters of a bad value an error repeats
+
+
+def _cut(text: str) -> str:
+    """``text``, or its first :data:`_ECHOED` characters and its length."""
+    return text if len(text) <= _ECHOED else f"{text[:_ECHOED]}... ({len(text):,} characters)"
+
+
+def _echo(value) -> str:
+    """``repr(value)`` as an error repeats it: cut by :func:`_cut`."""
+    return _cut(repr(value))
+
+
 def check_name(value, field: str) -> str:
     """``value`` if it is a safe folder name, else a :class:`SpecError` naming ``field``."""
     if not isinstance(value, str):
-        raise SpecError(f"{field} must be a string, not {_kind(value)} ({value!r})")
+        raise SpecError(f"{field} must be a string, not {_kind(value)} ({_echo(value)})")
     if not _SAFE_NAME.fullmatch(value) or ".." in value:
-        raise SpecError(f"{field} {value!r} is not a safe name: use {_SAFE_HINT}")
+        raise SpecError(f"{field} {_echo(value)} is not a safe name: use {_SAFE_HINT}")
     return value
 
 
 def _check_mapping(value, field: str, keys: str = "identifier") -> dict:
     """A mapping whose keys are parameter names (Python identifiers papermill can inject)."""
     if not isinstance(value, dict):
-        raise SpecError(f"{field} must be a mapping, not {_kind(value)} ({value!r})")
+        raise SpecError(f"{field} must be a mapping, not {_kind(value)} ({_echo(value)})")
     bad = [k for k in value if not (isinstance(k, str) and (k.isidentifier() or k == keys))]
     if bad:
-        raise SpecError(f"{field}: keys must be parameter names (Python identifiers), not {bad}")
+        raise SpecError(
+            f"{field}: keys must be parameter names (Python identifiers), not {_echo(bad)}"
+        )
     return value
 
 
 def _check_keys(mapping: dict, known: tuple, field: str) -> None:
     unknown = [k for k in mapping if k not in known]
     if unknown:
-        raise SpecError(f"{field}: unknown key(s) {unknown}; known: {list(known)}")
+        raise SpecError(f"{field}: unknown key(s) {_echo(unknown)}; known: {list(known)}")
 
 
 def _check_string(mapping: dict, key: str, field: str) -> None:
     if key in mapping and (not isinstance(mapping[key], str) or not mapping[key].strip()):
         value = mapping[key]
-        raise SpecError(f"{field}{key} must be a non-empty string, not {_kind(value)} ({value!r})")
+        raise SpecError(
+            f"{field}{key} must be a non-empty string, not {_kind(value)} ({_echo(value)})"
+        )
 
 
 def _check_timeout(mapping: dict, field: str) -> None:
@@ -191,7 +215,7 @@ def _check_timeout(mapping: dict, field: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise SpecError(
             f"{field}timeout must be a positive number of seconds (or null), "
-            f"not {_kind(value)} ({value!r})"
+            f"not {_kind(value)} ({_echo(value)})"
         )
 
 
@@ -203,7 +227,9 @@ def load_spec(path: str | Path) -> dict:
     """
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = safe_load(path.read_text(encoding="utf-8"))  # bounded: no alias bomb, no deep nest
+    except YamlLimitError as err:
+        raise SpecError(f"{path}: {err}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise SpecError(f"{path}: cannot read study specification ({err})") from err
     if not isinstance(spec, dict):
@@ -219,7 +245,9 @@ def load_spec(path: str | Path) -> dict:
     _check_timeout(spec, f"{path}: ")
     if not isinstance(spec.get("log_output", False), bool):
         value = spec["log_output"]
-        raise SpecError(f"{path}: log_output must be true or false, not {_kind(value)} ({value!r})")
+        raise SpecError(
+            f"{path}: log_output must be true or false, not {_kind(value)} ({_echo(value)})"
+        )
     variables = _check_mapping(spec.get("vars") or {}, f"{path}: vars")
     for name, value in variables.items():
         if not isinstance(value, str | int | float | bool):
@@ -253,7 +281,7 @@ def _check_stage(stage, where: str, path: Path) -> None:
     grid = _check_mapping(stage.get("grid", {}), f"{where}: 'grid'")
     bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
     if bad:
-        raise SpecError(f"{where}: grid values must be non-empty lists: {bad}")
+        raise SpecError(f"{where}: grid values must be non-empty lists: {_echo(bad)}")
     cases = stage.get("cases", [{}])
     if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
         raise SpecError(f"{where}: 'cases' must be a non-empty list of mappings")
@@ -283,7 +311,7 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
     clash = [f"{k}={v}" for k, v in variables.items() if str(v).rstrip("/") in stage_dirs]
     if clash:
         raise SpecError(
-            f"{spec['_path']}: vars {clash} point into a stage's run folder; rename them"
+            f"{spec['_path']}: vars {_echo(clash)} point into a stage's run folder; rename them"
         )
     runs = []
     for stage in spec["stages"]:
@@ -320,6 +348,7 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
                     stage.get("html"),
                     collects="output_dir" in stage,
                     timeout=stage.get("timeout", spec.get("timeout")),
+                    study_dir=study_dir,
                 )
             )
     return runs
@@ -353,6 +382,8 @@ def execute(run: Run, html: bool = True, log_output: bool = False) -> None:
         "notebook": run.notebook,
         "parameters": _canonical(run.parameters),
     }
+    if run.collects:  # what it reads, taken before: a later change makes it stale
+        record["inputs_sha256"] = _inputs_digest(run)
     write_json(run.run_dir / "run.json", {**record, "status": "running"})
     html_path = run.run_dir / (run.html_name or f"{run.executed.stem}.html")
     start, done, fired = time.time(), threading.Event(), []
@@ -466,26 +497,29 @@ def run_study(
     if log_output is None:
         log_output = spec.get("log_output", False)
     every_run = expand(spec, outputs)
-    statuses = _statuses(every_run)  # over all stages: a summary depends on every run before it
-    runs = _selected_runs(spec, spec_path, every_run, only, log)
-    result = StudyResult()
-    todo = []
-    for run in runs:
-        status = statuses[run.run_dir]
-        (result.skipped if status == "complete" else todo).append(run)
-        if dry_run:
-            log(f"{status:>10}  {run.stage}/{run.run_id}")
-    log(
-        f"study {spec['name']}: {len(runs)} runs, {len(result.skipped)} already complete, {len(todo)} to run"
-    )
-    if dry_run or not todo:
-        return result
-    # A folder that cannot be made (a file in the way, no permission, a full disk) stops
-    # the study here with one error, not as a failure of every run.
-    (Path(outputs).resolve() / spec["name"]).mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    _execute_stages(todo, result, jobs, log, html=html, log_output=log_output)
-    _report(spec["name"], result, time.time() - start, log)
+    # One study per folder at a time, from deciding what to run to the last run; the
+    # lock's folder is made here: one that cannot be (a file in the way, no permission,
+    # a full disk) stops the study with one error, not as a failure of every run.
+    lock = study_lock(Path(outputs).resolve() / spec["name"])
+    with contextlib.nullcontext() if dry_run else lock:
+        statuses = _statuses(every_run)  # over all stages: a summary depends on every run
+        runs = _selected_runs(spec, spec_path, every_run, only, log)
+        result = StudyResult()
+        todo = []
+        for run in runs:
+            status = statuses[run.run_dir]
+            (result.skipped if status == "complete" else todo).append(run)
+            if dry_run:
+                log(f"{status:>10}  {run.stage}/{run.run_id}")
+        log(
+            f"study {spec['name']}: {len(runs)} runs, {len(result.skipped)} already complete, "
+            f"{len(todo)} to run"
+        )
+        if dry_run or not todo:
+            return result
+        start = time.time()
+        _execute_stages(todo, result, jobs, log, html=html, log_output=log_output)
+        _report(spec["name"], result, time.time() - start, log)
     return result
 
 
@@ -501,7 +535,7 @@ def _selected_runs(
         return runs
     unknown = set(only) - {s["name"] for s in spec["stages"]}
     if unknown:
-        raise SpecError(f"{spec_path}: no stage(s) {sorted(unknown)}")
+        raise SpecError(f"{spec_path}: no stage(s) {_echo(sorted(unknown))}")
     return [r for r in runs if r.stage in only]
 
 
@@ -541,11 +575,16 @@ def _report(name: str, result: StudyResult, seconds: float, log) -> None:
 
 def _statuses(runs: list[Run]) -> dict[Path, str]:
     """Each run's status; a complete run that collects the study (the summary) is
-    ``stale`` when a run before it is not complete, or finished after it."""
+    ``stale`` when a run before it is not complete, or finished after it, or a
+    run record it read has changed since (edited, deleted, added)."""
     statuses, latest, pending = {}, 0.0, False
     for run in runs:
         status = run.status()
-        if status == "complete" and run.collects and (pending or _finished(run) < latest):
+        if (
+            status == "complete"
+            and run.collects
+            and (pending or _finished(run) < latest or _inputs_changed(run))
+        ):
             status = "stale"
         if status == "complete":
             latest = max(latest, _finished(run))
@@ -553,6 +592,17 @@ def _statuses(runs: list[Run]) -> dict[Path, str]:
             pending = True
         statuses[run.run_dir] = status
     return statuses
+
+
+def _inputs_changed(run: Run) -> bool:
+    """Whether the records a complete collecting run read differ from those there now
+    (a record written before the digest was kept counts as changed)."""
+    recorded = read_json(run.run_dir / "run.json", expect=dict).get("inputs_sha256")
+    return recorded != _inputs_digest(run)
+
+
+def _inputs_digest(run: Run) -> str:
+    return inputs_digest(run.study_dir or run.run_dir.parent, run.run_dir)
 
 
 def _finished(run: Run) -> float:

@@ -21,6 +21,7 @@ so the callback's windows are exactly the dataset's.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from chexlib.data.metadata import LABELS
-from chexlib.train.checkpoints import save_checkpoint
+from chexlib.train.checkpoints import last_checkpoint, save_checkpoint
 from chexlib.train.evaluate import sync_moving_statistics
 
 # --- throughput accounting (pure functions) --------------------------------------------
@@ -303,6 +304,43 @@ class PlateauCallback(tf.keras.callbacks.ReduceLROnPlateau):
             self.best = state["best"]
         self.cooldown_counter = state["cooldown_counter"]
         self.restored = state
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and the checkpoint kept."""
+
+
+class DivergenceCallback(tf.keras.callbacks.Callback):
+    """Stop the run when an epoch's loss or validation loss is NaN or infinite.
+
+    Checked at the epoch's end, after :class:`EvaluationCallback` and Horovod's
+    metric averaging (so every rank sees the same values and stops at the same
+    point, where a per-step check on one rank's loss would leave the others
+    waiting in the next allreduce), and before :class:`CheckpointCallback`: the
+    diverged epoch is never checkpointed and the last good checkpoint stays.
+
+    Raises:
+        TrainingDiverged: one line, naming the epoch, the values and the checkpoint kept.
+    """
+
+    def __init__(self, out: Path):
+        super().__init__()
+        self.out = out
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        bad = {
+            key: float(logs[key])
+            for key in ("loss", "val_loss")
+            if logs.get(key) is not None and not math.isfinite(float(logs[key]))
+        }
+        if bad:
+            values = ", ".join(f"{key} {value}" for key, value in bad.items())
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch + 1} ({values}); epoch {epoch + 1} was not "
+                f"checkpointed and {last_checkpoint(self.out)}; lower --learning-rate and "
+                "start a new run (another --out)"
+            )
 
 
 class CheckpointCallback(tf.keras.callbacks.Callback):

@@ -23,13 +23,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chexlib.core.files import read_json, write_json
+from chexlib.core.files import RecordError, read_json, write_json
 from chexlib.core.run_record import RunRecord
 from chexlib.data.fingerprint import metadata_fingerprint, shards_fingerprint
 from chexlib.records.manifest import read_manifest
 from chexlib.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"  # the folder under --out
+LATEST = "latest.json"  # the pointer to the newest complete checkpoint
+# What each record must hold, and of which type (checked on reading, naming the file).
+_POINTER_KEYS = {"dir": str, "epochs_done": int}
+_STATE_KEYS = {
+    "epochs_done": int,
+    "config": dict,
+    "learning_rate": int | float,
+    "history": list,
+    "plateau": dict | None,
+}
 
 
 # Settings that do not change what a run computes, so --resume does not compare them:
@@ -97,12 +107,51 @@ def settings_once(config: TrainConfig, ranks: int, metadata=None) -> Callable[[]
 
 def refuse_overwrite(config: TrainConfig) -> None:
     """Refuse an ``--out`` holding a checkpoint unless the run resumes it (or never checkpoints)."""
-    pointer = Path(config.out) / CHECKPOINTS / "latest.json"
+    pointer = Path(config.out) / CHECKPOINTS / LATEST
     if pointer.exists() and not config.resume and config.checkpoint:
         raise FileExistsError(
             f"{config.out} holds a checkpoint from an earlier run: pass --resume to "
             f"continue it, or choose another --out"
         )
+
+
+def read_checkpoint_record(path: Path, keys: dict[str, type]) -> dict:
+    """A checkpoint's JSON record (``latest.json`` or ``state.json``) holding ``keys``.
+
+    Raises:
+        RecordError: the file is not JSON, not an object, lacks a key or holds one of
+            another type, or (``latest.json``) points outside its folder; the message
+            names the file.
+        OSError: the file cannot be read (``FileNotFoundError`` names it).
+    """
+    record = read_json(path, expect=dict)
+    wrong = [
+        f"{key!r} {'missing' if key not in record else 'is ' + type(record[key]).__name__}"
+        for key, kind in keys.items()
+        if key not in record or not isinstance(record[key], kind) or isinstance(record[key], bool)
+    ]
+    pointed = record.get("dir")
+    if "dir" in keys and isinstance(pointed, str) and pointed != Path(pointed).name:
+        wrong.append(f"'dir' {pointed!r} is not a folder name in {path.parent}")
+    if wrong:
+        raise RecordError(
+            f"{path}: damaged checkpoint record ({'; '.join(wrong)}); delete "
+            f"{path.parent if path.name == LATEST else path.parent.parent} to start over, "
+            "or choose another --out"
+        )
+    return record
+
+
+def last_checkpoint(out) -> str:
+    """Where a stopped run leaves its checkpoints, in words (for the line that stops it)."""
+    pointer = Path(out) / CHECKPOINTS / LATEST
+    if not pointer.exists():
+        return f"no checkpoint in {pointer.parent}"
+    try:
+        done = read_checkpoint_record(pointer, _POINTER_KEYS)["epochs_done"]
+    except (OSError, ValueError) as err:
+        return f"the checkpoint pointer is unreadable ({err})"
+    return f"the last checkpoint, epoch {done}, is kept in {pointer.parent}"
 
 
 def save_checkpoint(
@@ -142,8 +191,9 @@ def save_checkpoint(
     write_json(tmp / "state.json", state)
     shutil.rmtree(root / name, ignore_errors=True)
     os.replace(tmp, root / name)
-    previous = read_json(root / "latest.json")["dir"] if (root / "latest.json").exists() else None
-    write_json(root / "latest.json", {"dir": name, "epochs_done": epochs_done})
+    pointer = root / LATEST
+    previous = read_checkpoint_record(pointer, _POINTER_KEYS)["dir"] if pointer.exists() else None
+    write_json(pointer, {"dir": name, "epochs_done": epochs_done})
     if previous and previous != name:
         shutil.rmtree(root / previous, ignore_errors=True)
 
@@ -222,10 +272,10 @@ def _load_checkpoint(root: Path, model, optimizer, settings: Callable[[], dict])
     """
     import tensorflow as tf
 
-    if not (root / "latest.json").exists():
+    if not (root / LATEST).exists():
         return None
-    latest = read_json(root / "latest.json")
-    state = read_json(root / latest["dir"] / "state.json")
+    latest = read_checkpoint_record(root / LATEST, _POINTER_KEYS)
+    state = read_checkpoint_record(root / latest["dir"] / "state.json", _STATE_KEYS)
     saved = state.get("settings") or {**state["config"], "ranks": state.get("ranks")}
     differences = resume_differences(saved, settings())
     if differences:
@@ -236,7 +286,12 @@ def _load_checkpoint(root: Path, model, optimizer, settings: Callable[[], dict])
         )
     optimizer.build(model.trainable_variables)  # slots must exist to be restored
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    checkpoint.read(str(root / latest["dir"] / "ckpt")).assert_existing_objects_matched()
+    prefix = root / latest["dir"] / "ckpt"
+    try:
+        checkpoint.read(str(prefix)).assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as err:  # TF's do not name the files
+        reason = (getattr(err, "message", None) or str(err)).strip().splitlines()[0]
+        raise RecordError(f"{prefix}.index / .data-*: cannot be restored ({reason})") from None
     return state
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from chexlib.core import flags
@@ -24,6 +25,27 @@ from chexlib.train.models import MODELS
 def _models() -> tuple[str, ...]:  # the model list lives with the models (TensorFlow-free import)
 
     return tuple(MODELS)
+
+
+# Compute precisions of --precision; "auto" is resolved when the run starts.
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bfloat16 arithmetic
+
+
+def choose_precision(requested: str, has_gpu: bool, flags: set[str]) -> tuple[str, str]:
+    """(precision, why) for ``--precision requested`` on this machine.
+
+    ``auto``: float16 on a GPU, bfloat16 on a CPU with native bf16 instructions,
+    float32 otherwise. An explicit choice is kept as asked.
+    """
+    if requested != "auto":
+        return requested, "as asked (--precision)"
+    if has_gpu:
+        return "float16", "auto: a GPU"
+    native = sorted(set(BF16_FLAGS) & flags)
+    if native:
+        return "bfloat16", f"auto: the CPU has {', '.join(native)}"
+    return "float32", f"auto: the CPU has no native bfloat16 ({' or '.join(BF16_FLAGS)})"
 
 
 @dataclass(frozen=True)
@@ -65,7 +87,12 @@ class TrainConfig:
     warmup_epochs: int = option("epochs of Horovod LR warm-up from lr to lr x ranks", default=5)
     plateau_factor: float = option("ReduceLROnPlateau factor on validation loss", default=0.1)
     plateau_patience: int = option("ReduceLROnPlateau patience in epochs", default=1)
-    mixed_precision: bool = option("mixed_float16 compute (float32 head and loss)", default=False)
+    precision: str = option(
+        "compute precision (head and loss stay float32): float32; bfloat16 (fast on CPUs "
+        "with avx512_bf16 or amx_bf16); float16 (GPUs); auto: the fastest this machine has",
+        default="float32",
+        choices=PRECISIONS,
+    )
     xla: bool = option("XLA auto-clustering of the training step", default=False)
     synthetic: bool = option(
         "train on one repeated random batch: the throughput ceiling", default=False
@@ -130,24 +157,8 @@ class TrainConfig:
             f"pipeline must be naive or optimized, not {self.pipeline!r}",
         )
         check(self.model in MODELS, f"model must be one of {MODELS}, not {self.model!r}")
-        check(self.pin_cores >= 0, f"pin_cores must be >= 0, not {self.pin_cores}")
-        check(self.image_size >= 32, f"image_size must be >= 32, not {self.image_size}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, not {self.batch_size}")
-        check(self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}")
-        check(
-            self.steps_per_epoch is None or self.steps_per_epoch >= 1,
-            "steps_per_epoch must be >= 1",
-        )
-        check(self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}")
-        check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
-        check(
-            0 < self.plateau_factor < 1,
-            f"plateau_factor must be in (0, 1), not {self.plateau_factor}",
-        )
-        check(
-            self.throughput_warmup_steps >= 0 and self.throughput_window_steps >= 1,
-            "throughput_warmup_steps must be >= 0 and throughput_window_steps >= 1",
-        )
+        out_of_range = range_problems(self)  # before TensorFlow starts, naming each flag
+        check(not out_of_range, "; ".join(out_of_range))
         check(
             not (self.synthetic and self.paired_synthetic),
             "--paired-synthetic already alternates with synthetic data; drop --synthetic",
@@ -168,6 +179,47 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The numeric flags' bounds, as intervals ("[" / "]" include the bound, "(" / ")" do not),
+# checked by TrainConfig before TensorFlow starts. Above 2048 px is twice NIH's 1024 px
+# images (a batch of 100000 px images ran 48 s into TensorFlow, then out of memory); an
+# Adam learning rate above 1 only diverges; NaN and inf are outside every interval.
+_RANGES: dict[str, tuple[str, float, float, str]] = {
+    "image_size": ("[", 32, 2048, "]"),
+    "batch_size": ("[", 1, 4096, "]"),
+    "epochs": ("[", 1, 100_000, "]"),
+    "steps_per_epoch": ("[", 1, 10**9, "]"),  # or None
+    "learning_rate": ("(", 0.0, 1.0, "]"),
+    "warmup_epochs": ("[", 0, 100_000, "]"),
+    "plateau_factor": ("(", 0.0, 1.0, ")"),
+    "plateau_patience": ("[", 0, 100_000, "]"),
+    "seed": ("[", 0, 2**31 - 1, "]"),
+    "pin_cores": ("[", 0, 4096, "]"),
+    "val_fraction": ("[", 0.0, 1.0, ")"),
+    "throughput_warmup_steps": ("[", 0, 10**9, "]"),
+    "throughput_window_steps": ("[", 1, 10**9, "]"),
+}
+
+
+def range_problems(config: TrainConfig) -> list[str]:
+    """``"--flag must be in [low, high], not value"`` for every numeric field out of its range."""
+    problems = []
+    for name, (opening, low, high, closing) in _RANGES.items():
+        value = getattr(config, name)
+        if value is None and name == "steps_per_epoch":
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = (
+            number
+            and math.isfinite(value)
+            and (low <= value if opening == "[" else low < value)
+            and (value <= high if closing == "]" else value < high)
+        )
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} must be in {opening}{low}, {high}{closing}, not {value!r}")
+    return problems
 
 
 def parse_profile_steps(text: str | None) -> tuple[int, int] | None:

@@ -113,28 +113,24 @@ def is_checkpoint(path: str | Path) -> bool:
     )
 
 
-def _base(model: str, image_size: int, weights_file: Path | None):
+def _base(model: str, inputs, x, weights_file: Path | None):
+    """The backbone built on ``x`` (computed from the model's ``inputs``), as one model."""
     import tensorflow as tf
 
-    shape = (image_size, image_size, 3)
     weights = str(weights_file) if weights_file else None
     if model == "densenet121":
-        return tf.keras.applications.DenseNet121(
-            include_top=False, weights=weights, input_shape=shape
-        )
+        return tf.keras.applications.DenseNet121(include_top=False, weights=weights, input_tensor=x)
     if model == "resnet50":
-        return tf.keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
-    return _tiny_base(shape, name=model)
+        return tf.keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
+    return _tiny_base(inputs, x, name=model)
 
 
-def _tiny_base(shape, name: str = "tiny"):
+def _tiny_base(inputs, x, name: str = "tiny"):
     """Four strided conv blocks (16..128 filters): a test/teaching model, not CheXNet
     (also the fast-accelerator stand-in, ``standin``)."""
     import tensorflow as tf
 
     layers = tf.keras.layers
-    inputs = tf.keras.Input(shape)
-    x = inputs
     for i, filters in enumerate((16, 32, 64, 128)):
         x = layers.Conv2D(
             filters, 3, strides=2, padding="same", use_bias=False, name=f"tiny_conv{i}"
@@ -151,10 +147,13 @@ def build_model(
     weights: str | Path | None = None,
     num_classes: int = len(LABELS),
 ):
-    """Build CheXNet: backbone, global average pooling, ``Dense(14, sigmoid)``.
+    """Build CheXNet: the grey input layer, backbone, global average pooling,
+    ``Dense(14, sigmoid)``.
 
-    Under a mixed-precision policy the head's output stays float32, so the
-    sigmoid and the loss are computed in full precision.
+    The model takes ``uint8 [B, S, S, 1]`` grey images (the input pipeline's
+    output) and normalises them itself (:mod:`chexlib.train.gray_input`). Under a
+    mixed-precision policy the head's output stays float32, so the sigmoid and
+    the loss are computed in full precision.
 
     Args:
         model: ``densenet121``, ``resnet50``, ``tiny`` (test/teaching model) or
@@ -181,7 +180,11 @@ def build_model(
         if model in ("tiny", "standin"):
             raise WeightsError(f"the {model} model has no ImageNet weights; use --weights none")
         base_file = imagenet_weights_path(model, source)
-    base = _base(model, image_size, base_file)
+    # here: it loads TensorFlow, which building a model needs anyway
+    from chexlib.train.gray_input import gray_input
+
+    inputs, rgb = gray_input(image_size, PIPELINE_MODEL[model])
+    base = _base(model, inputs, rgb, base_file)
     x = tf.keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     # float32 head: keeps the sigmoid and the loss out of float16 under mixed precision
     outputs = tf.keras.layers.Dense(

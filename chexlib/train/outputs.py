@@ -21,7 +21,7 @@ from chexlib.core.runs import write_run_record
 from chexlib.data.metadata import LABELS
 from chexlib.report.training import auroc_table, history_frame
 from chexlib.train.config import TrainConfig
-from chexlib.train.process import cores_now
+from chexlib.train.process import cores_now, precision_now
 
 
 def throughput_metrics(config: TrainConfig, throughput) -> dict:
@@ -128,6 +128,7 @@ def run_metrics(
     cores = hvd_tf.allgather_object(cores_now())  # Horovod: per rank: pinned or not
     history, ranks = resumed.history, hvd_tf.size()
     last = history[-1] if history else {}
+    precision = precision_now()  # inside the run's compute_policy: what it really used
     return RunRecord(
         rank=hvd_tf.rank(),
         ranks=ranks,
@@ -155,7 +156,8 @@ def run_metrics(
         wall_seconds=seconds,
         pin_cores=c.pin_cores,
         cores_per_rank=cores,
-        mixed_precision=c.mixed_precision,
+        mixed_precision=precision != "float32",
+        precision=precision,
         xla=c.xla,
         environment=environment_info(),
     )

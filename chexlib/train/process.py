@@ -4,7 +4,7 @@ XLA reads ``TF_XLA_FLAGS`` and Horovod its ``HOROVOD_*`` variables once, when
 they start, so :func:`before_horovod_init` sets them first. After
 ``hvd.init()``: :func:`pin_cores` gives the rank its own CPU cores (before
 TensorFlow starts its thread pools), :func:`pin_gpu` one GPU per local rank,
-and :func:`compute_policy` sets mixed precision and XLA for one run only (an
+and :func:`compute_policy` sets the compute precision and XLA for one run only (an
 ipyparallel engine may train again). :func:`read_timeline` reads the Horovod
 timeline that ``--horovod-timeline`` asks for.
 """
@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chexlib.core.machine import cpu_flags
 from chexlib.train import affinity
 from chexlib.train.affinity import AffinityError, available_cores
+from chexlib.train.config import choose_precision
 
 if TYPE_CHECKING:
     from chexlib.train.config import TrainConfig
@@ -49,13 +51,37 @@ def pin_gpu(local_rank: int) -> None:
             pass
 
 
-@contextlib.contextmanager
-def compute_policy(mixed_precision: bool, xla: bool):
-    """Mixed float16 and XLA auto-clustering for the run inside, reset after it."""
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """(precision, why) of ``--precision`` here: ``auto`` looks at the GPUs and CPU flags."""
     import tensorflow as tf
 
-    if mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    return choose_precision(requested, has_gpu, cpu_flags())
+
+
+def precision_now() -> str:
+    """The precision of the Keras policy in force (what a run inside compute_policy uses)."""
+    import tensorflow as tf
+
+    name = tf.keras.mixed_precision.global_policy().name
+    return {policy: precision for precision, policy in _POLICIES.items()}.get(name, name)
+
+
+@contextlib.contextmanager
+def compute_policy(precision: str, xla: bool):
+    """The compute precision (a Keras mixed policy: float32 variables, head and loss;
+    ``auto`` resolved here) and XLA auto-clustering for the run inside, reset after it."""
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    precision, why = resolve_precision(precision)
+    if precision != "float32":
+        tf.keras.mixed_precision.set_global_policy(_POLICIES[precision])
+    if hvd.rank() == 0:  # Horovod: only rank 0 logs
+        print(f"chexlib train: {precision} compute ({why})", file=sys.stderr, flush=True)
     if xla:
         # auto-clustering: XLA compiles what it can; Horovod's ops (no XLA kernel) stay in TF
         tf.config.optimizer.set_jit("autoclustering")

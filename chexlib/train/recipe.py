@@ -72,12 +72,18 @@ TensorFlow and Horovod are imported when a run starts, so ``chexlib train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import re
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 from chexlib.core.run_record import RunRecord
+from chexlib.data.metadata import DataError
 from chexlib.report.training import summary_text
 from chexlib.train import checkpoints, process
 from chexlib.train.config import (
@@ -114,12 +120,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
 
 
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during ``chexlib train`` (raised by its handler).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is, so that no ``except Exception``
+    on the way (a restore that reports any error, Keras) turns it into something else.
+    """
+
+
 def run(args: argparse.Namespace) -> int:
-    """``chexlib train``: one Horovod rank (run it under horovodrun for N ranks)."""
-    record = train(config_from_args(args))
+    """``chexlib train``: one Horovod rank (run it under horovodrun for N ranks).
+
+    SIGTERM (a scheduler's or horovodrun's stop) ends it with one line saying which
+    checkpoint remains, and exit status 143.
+    """
+    config = config_from_args(args)
+    try:
+        with _sigterm_raises():
+            record = train(config)
+    except Terminated:
+        print(
+            f"chexlib train: terminated (SIGTERM); {checkpoints.last_checkpoint(config.out)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return SIGTERM_EXIT
     if record.rank == 0:
         print(summary_text(record))
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`Terminated` in the main thread (once: a second one ends the
+    process at once); the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (a notebook's worker thread)
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _naming_bad_images(config: TrainConfig):
+    """An image the input pipeline could not decode ends the run with one
+    :class:`DataError` naming it (:func:`chexlib.pipeline.decode.bad_image`) and the
+    checkpoint kept; any other error passes unchanged.
+
+    Why here and not a check of every file before training: the pipeline's check of the
+    PNG signature costs nothing per image and sees every image as it is decoded (raw
+    files and records, every split, a file replaced during the run), where a pre-pass
+    would read the head of every file on every run (112,120 opens for NIH) and still
+    miss a PNG cut short; ``chexlib validate`` is the full check before training.
+    """
+    import tensorflow as tf
+
+    # here: it loads TensorFlow; importing this module does not
+    from chexlib.pipeline.decode import bad_image
+
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as err:
+        found = bad_image(err.message)
+        if found is None and "DecodePng" not in err.message:
+            raise
+        if found is None:  # TensorFlow's decoder on a PNG cut short: it does not say which
+            reason = re.sub(r"\{\{.*?\}\}\s*", "", err.message.strip().splitlines()[0])
+            found = f"an image does not decode ({reason}; TensorFlow's decoder does not name it)"
+        check = (
+            f"chexlib validate {config.data}"
+            if config.source == "raw"
+            else f"chexlib verify-records {config.records} --data DATA --decode"
+        )
+        raise DataError(
+            f"{found}; training stopped and {checkpoints.last_checkpoint(config.out)}; "
+            f"`{check}` lists every bad image"
+        ) from None
 
 
 # --- the recipe ------------------------------------------------------------------
@@ -144,7 +231,7 @@ def train(config: TrainConfig) -> RunRecord:
         process.pin_cores(config.pin_cores, hvd.local_rank(), hvd.local_size())
     # Horovod: pin one GPU per process (its local rank), growing memory as needed.
     process.pin_gpu(hvd.local_rank())
-    with process.compute_policy(config.mixed_precision, config.xla):  # for this run only
+    with process.compute_policy(config.precision, config.xla):  # for this run only
         # Horovod: each rank reads its own shard of every split.
         data = RankData(config, rank, ranks)
         checkpoints.refuse_overwrite(config)
@@ -174,8 +261,9 @@ def train(config: TrainConfig) -> RunRecord:
         callbacks, throughput = _callbacks(
             config, lr, steps, model, optimizer, resumed, scorers, settings
         )
-        _fit_epochs(config, model, data, callbacks, steps, resumed.start_epoch)
-        test = scorers["test"]() if scorers else None
+        with _naming_bad_images(config):  # a file that does not decode, named
+            _fit_epochs(config, model, data, callbacks, steps, resumed.start_epoch)
+            test = scorers["test"]() if scorers else None
         record = run_metrics(
             config, model, throughput, resumed, lr, steps, split_sizes, test, started
         )
@@ -222,6 +310,8 @@ def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorer
         ),
         throughput,
         train_callbacks.EvaluationCallback(history, hvd.size(), throughput, scorers.get("val")),
+        # NaN or inf loss: stop before the checkpoint (the same on every rank, averaged)
+        train_callbacks.DivergenceCallback(Path(c.out)),
     ]
     if scorers:  # needs val_loss; after warm-up, on the (identical) gathered val loss
         callbacks.append(plateau)
@@ -233,11 +323,8 @@ def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorer
     # Horovod: only rank 0 writes checkpoints, so ranks never overwrite each other.
     if rank == 0 and c.checkpoint:
         run = {"config": c, "ranks": hvd.size(), "settings": settings}  # recorded with each
-        callbacks.append(
-            train_callbacks.CheckpointCallback(
-                Path(c.out), model, optimizer, plateau, history, **run
-            )
-        )
+        save = train_callbacks.CheckpointCallback
+        callbacks.append(save(Path(c.out), model, optimizer, plateau, history, **run))
     if rank == 0 and c.verbose:  # Horovod: only rank 0 prints progress
         callbacks.append(train_callbacks.EpochProgbar(c.epochs))
     fault = parse_fault(os.environ.get(FAULT_ENV), rank)

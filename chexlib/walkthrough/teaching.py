@@ -189,7 +189,8 @@ def plot_augmented_batch(images, labels, names=None, metadata=None, n: int = 8):
     it with its source, not assumed).
 
     Args:
-        images: ``[B, S, S, 3]`` normalised batch (``pipeline.build_dataset``).
+        images: ``uint8 [B, S, S, 1]`` batch (``pipeline.build_dataset``; the model
+            normalises it), or a ``[B, S, S, 3]`` normalised one.
         labels: ``[B, 14]`` 0/1 labels.
         names: ``[B]`` file names (``return_names=True``), optional.
         metadata: the dataset table, to find the source files.
@@ -206,7 +207,7 @@ def plot_augmented_batch(images, labels, names=None, metadata=None, n: int = 8):
     rows = 2 if sources else 1
     fig, axes = plt.subplots(rows, n, figsize=(2.0 * n, 2.3 * rows), squeeze=False)
     for i in range(n):
-        seen = images[i, ..., 0]  # the grey channel, replicated three times
+        seen = images[i, ..., 0]  # the grey channel (the model replicates it to three)
         ax = axes[-1, i]
         ax.imshow(_unit(seen), cmap="gray", vmin=0, vmax=1)
         title = f"{seen.shape[1]}x{seen.shape[0]} input\n{_findings(labels[i])}"
@@ -217,10 +218,14 @@ def plot_augmented_batch(images, labels, names=None, metadata=None, n: int = 8):
         ax.set_title(title, fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    low, high = float(images.min()), float(images.max())
+    low, high = images.min(), images.max()
+    kind = (
+        f"{images.dtype} values {low} .. {high}"
+        if images.dtype == np.uint8
+        else (f"normalised values {float(low):.2f} .. {float(high):.2f}")
+    )
     fig.suptitle(
-        f"A training batch (first {n} of {len(images)}): normalised values {low:.2f} .. {high:.2f}, "
-        "drawn rescaled to grey",
+        f"A training batch (first {n} of {len(images)}): {kind}, drawn rescaled to grey",
         fontsize=9,
     )
     fig.tight_layout(h_pad=1.2)
