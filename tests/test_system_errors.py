@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
 from chexlib.cli.main import main
 from chexlib.core.files import RecordError, read_json, write_json
@@ -47,8 +48,10 @@ def _unprivileged_prefix() -> list[str]:
     permission bits stop it as they stop any user; as a user, nothing to do."""
     if os.geteuid() != 0:
         return []
-    if not shutil.which("setpriv"):
-        pytest.skip("runs as root and setpriv is missing: permission bits would not stop root")
+    require(
+        shutil.which("setpriv"),
+        "runs as root and setpriv is missing: permission bits would not stop root",
+    )
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 

@@ -98,9 +98,7 @@ def time_batches(
         disable=progress is None,
         leave=False,
     )
-    load_before = _load()
-    cpu_start = time.process_time()
-    start = time.perf_counter()
+    load_before, cpu_start, start = _load(), time.process_time(), time.perf_counter()
     for _ in range(windows):
         t0, images, pulled = time.perf_counter(), 0, 0
         while pulled < per_window or time.perf_counter() - t0 < min_window_sec:

@@ -23,9 +23,8 @@ import csv
 import io
 import os
 import re
-import sys
 from collections import Counter
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -68,7 +68,6 @@ def decode_grayscale(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise OSError(f"{name}: cannot decode image ({err})") from err
 
 
-
 # --- checking a file the way training decodes it -----------------------------
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

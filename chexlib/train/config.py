@@ -17,15 +17,8 @@ from dataclasses import dataclass
 
 from chexlib.core import flags
 from chexlib.core.flags import option
-from chexlib.core.names import PIPELINES, SOURCES
+from chexlib.core.names import MODELS, PIPELINES, SOURCES
 from chexlib.data.metadata import MODEL_INPUT_SIZE
-from chexlib.train.models import MODELS
-
-
-def _models() -> tuple[str, ...]:  # the model list lives with the models (TensorFlow-free import)
-
-    return tuple(MODELS)
-
 
 # Compute precisions of --precision; "auto" is resolved when the run starts.
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
@@ -68,7 +61,7 @@ class TrainConfig:
     model: str = option(
         "densenet121, resnet50, tiny (a small test/teaching CNN), or standin (the same small "
         "CNN standing in for a fast accelerator: cheaper per image than the PNG decode)",
-        choices=_models,
+        choices=MODELS,
         default="densenet121",
     )
     weights: str = option(

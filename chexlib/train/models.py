@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from chexlib.core.names import MODELS
 from chexlib.data.metadata import LABELS
+from chexlib.train.checkpoints import read_checkpoint_record
 
-MODELS = ("densenet121", "resnet50", "tiny", "standin")
 # What each model is, for tables and figures.
 MODEL_LABELS = {
     "densenet121": "DenseNet121",
@@ -232,13 +233,12 @@ def _h5_has_layer(path: Path, layer: str) -> bool:
 
 
 def checkpoint_prefix(path: str | Path) -> str:
-    """The ``tf.train.Checkpoint`` prefix of the newest epoch under ``path``."""
-    import json
-
+    """The ``tf.train.Checkpoint`` prefix of the newest epoch under ``path`` (a damaged
+    ``latest.json`` is refused naming it)."""
     path = Path(path)
     for pointer in (path / "checkpoints" / "latest.json", path / "latest.json"):
         if pointer.is_file():
-            latest = json.loads(pointer.read_text())
+            latest = read_checkpoint_record(pointer, {"dir": str})
             return str(pointer.parent / latest["dir"] / "ckpt")
     return str(path)
 

@@ -196,8 +196,8 @@ def _naming_bad_images(config: TrainConfig):
         if found is None and "DecodePng" not in err.message:
             raise
         if found is None:  # TensorFlow's decoder on a PNG cut short: it does not say which
-            reason = re.sub(r"\{\{.*?\}\}\s*", "", err.message.strip().splitlines()[0])
-            found = f"an image does not decode ({reason}; TensorFlow's decoder does not name it)"
+            found = f"an image does not decode ({_op_reason(err.message, 'DecodePng')}; "
+            found += "TensorFlow's decoder does not name it)"
         check = (
             f"chexlib validate {config.data}"
             if config.source == "raw"
@@ -210,6 +210,13 @@ def _naming_bad_images(config: TrainConfig):
 
 
 # --- the recipe ------------------------------------------------------------------
+
+
+def _op_reason(message: str, op: str) -> str:
+    """TensorFlow's reason in an error message: the line before ``[[{{node OP}}]]``."""
+    lines = [re.sub(r"\{\{.*?\}\}\s*", "", ln).strip() for ln in message.splitlines()]
+    at = next((i for i, ln in enumerate(message.splitlines()) if "{{node" in ln and op in ln), 0)
+    return next((ln for ln in reversed(lines[:at]) if ln), lines[0] if lines else message)
 
 
 def train(config: TrainConfig) -> RunRecord:
