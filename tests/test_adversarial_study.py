@@ -25,9 +25,9 @@ from test_summary import record
 
 from chexlib.core.runs import RecordWarning, write_run_record
 from chexlib.report import summary, verdicts
-from chexlib.study.inputs import inputs_digest
 from chexlib.study.notebook import REPO
 from chexlib.study.runner import expand, load_spec, run_study
+from chexlib.study.summary_inputs import inputs_digest
 
 CHEXLIB = Path(sys.executable).parent / "chexlib"
 

@@ -190,7 +190,7 @@ def test_file_cache_serves_the_second_pass_after_the_images_are_gone(synth_dir, 
     steps = -(-sources.count_examples("raw", "train", metadata=md) // BATCH)
     for _ in range(2 * steps):  # two more training epochs, all from the cache
         x, _, _ = next(train)
-        assert x.shape == (BATCH, SIZE, SIZE, 3)
+        assert x.shape == (BATCH, SIZE, SIZE, 1)
 
 
 # --- 3. data really flows through the tf.data service -------------------------------------

@@ -207,7 +207,9 @@ def test_paired_windows_stay_aligned_with_the_dataset_across_epochs():
         data="unused", batch_size=2, image_size=32, throughput_warmup_steps=warmup,
         throughput_window_steps=window, paired_synthetic=True,
     )  # fmt: skip
-    real = tf.data.Dataset.from_tensors((tf.zeros([2, 32, 32, 3]), tf.zeros([2, 14]))).repeat()
+    real = tf.data.Dataset.from_tensors(
+        (tf.zeros([2, 32, 32, 1], tf.uint8), tf.zeros([2, 14]))
+    ).repeat()
     cb = ThroughputCallback(2, warmup, window, paired=True)
     kinds = {}
     for epoch in range(4):
@@ -445,8 +447,8 @@ def test_paired_windows_alternate_real_and_synthetic_batches():
         throughput_warmup_steps=3, throughput_window_steps=2, paired_synthetic=True,
     )  # fmt: skip
     real = tf.data.Dataset.from_tensors(
-        (tf.zeros([2, 32, 32, 3]), tf.zeros([2, 14]))
-    ).repeat()  # real batches are all zeros; synthetic ones are random normal
+        (tf.zeros([2, 32, 32, 1], tf.uint8), tf.zeros([2, 14]))
+    ).repeat()  # real batches are all zeros; synthetic ones are random grey levels
     kinds = [
         "real" if not np.any(images.numpy()) else "synthetic"
         for images, _ in inputs.paired_with_synthetic(real, config).take(11)

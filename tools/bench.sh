@@ -55,6 +55,14 @@ measure keras-raw --pipeline keras-sequence "${raw[@]}"
 measure optimized-compact --pipeline optimized --source records --records "$BENCH_DIR/records-compact"
 measure optimized-png --pipeline optimized --source records --records "$BENCH_DIR/records-png"
 
+# The uint8 input contract: the same optimized raw-PNG pipeline handing over one uint8
+# grey channel (the model normalises) or normalised float32 x3 (the contract before),
+# in alternating processes, so the CPU ms it saves is read from adjacent runs.
+for round in $(seq 1 "${BENCH_CONTRACT_ROUNDS:-3}"); do
+  measure "contract-uint8-$round" --pipeline optimized "${raw[@]}"
+  measure "contract-float-$round" --pipeline optimized "${raw[@]}" --normalize-in-pipeline
+done
+
 # A SIMULATED accelerator at DEVICE_TIMES the single-core rate measured above.
 device=(--device-times "$DEVICE_TIMES" --device-reference "$RESULTS/optimized-raw.json")
 measure device-naive --pipeline naive "${raw[@]}" "${device[@]}"

@@ -266,13 +266,15 @@ def assign_splits(
     val_fraction: float = 0.1,
     seed: int = 0,
     where: str = "",
+    require_train: bool = True,
 ) -> pd.Series:
     """Return the split (train/val/test) of every entry.
 
     Test is the official list. Validation takes whole patients from
     train_val, in a seeded random order, until it holds ``val_fraction`` of
     the train_val images, so no patient is in two of train/val and the same
-    arguments always give the same split.
+    arguments always give the same split. A split that leaves no training image
+    is refused (``DataError``) unless ``require_train`` is False.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -302,7 +304,8 @@ def assign_splits(
     n_val = int(np.searchsorted(cumulative, target)) + 1 if target > 0 else 0
     val_patients = set(order[:n_val].tolist())
     split[in_tv & entries["patient_id"].isin(val_patients)] = "val"
-    _refuse_empty_train(split, len(counts), val_fraction, seed, where)
+    if require_train:
+        _refuse_empty_train(split, len(counts), val_fraction, seed, where)
     return split
 
 
@@ -352,6 +355,7 @@ def load_metadata(
     seed: int = 0,
     csv_name: str | None = None,
     allow_missing: bool = False,
+    require_train: bool = True,
 ) -> pd.DataFrame:
     """Load ChestX-ray14 metadata: one row per image with labels, paths and split.
 
@@ -363,6 +367,8 @@ def load_metadata(
         allow_missing: if False, an image listed in the CSV but absent on disk
             is an error. If True it is counted out: its ``path`` is None and
             ``df.attrs["excluded"]`` lists it with the reason.
+        require_train: refuse a split that leaves no training image (False: the
+            caller only reads the files, as ``chexlib validate`` does).
 
     Returns:
         DataFrame with columns ``image``, ``path``, ``patient_id``,
@@ -386,6 +392,7 @@ def load_metadata(
         val_fraction=val_fraction,
         seed=seed,
         where=f"{data_dir}: ",
+        require_train=require_train,
     )
     on_disk, odd = _scan_images(data_dir)
     entries.insert(1, "path", [str(on_disk[n]) if n in on_disk else None for n in entries["image"]])
@@ -511,7 +518,7 @@ def run(args) -> int:
     config = config_from_args(ValidateCommand, args)
     import json
 
-    df = load_metadata(config.data_dir, allow_missing=True)
+    df = load_metadata(config.data_dir, allow_missing=True, require_train=False)  # files only
     report = validate_images(df, workers=config.workers)
     print(f"{config.data_dir}: {len(df)} images listed")
     print(f"  ok:      {len(report.ok)}")

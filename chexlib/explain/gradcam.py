@@ -583,7 +583,7 @@ def _explain_batch(net, cams, rows, boxes_of: dict, config, size: int, model: st
 
 
 def _score_row(name, finding, probability, heat, box, threshold) -> dict:
-    r, c = peak(heat)
+    r, c = peak(heat) if np.max(heat) > 0 else (None, None)  # a flat-zero map has no peak
     x, y, w, h = box
     return {
         "image": name,

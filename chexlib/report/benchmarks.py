@@ -28,6 +28,7 @@ Targets (issue 15 and the pipeline issue before it):
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def comparisons(r: dict[str, dict]) -> list[Row]:
     rows.extend(_versus_keras_directory(r))
     ratio("optimized-raw", "keras-raw", "optimized / keras-sequence, raw PNG", 1.0)
     rows.extend(_simulated_device(r))
+    rows.extend(_input_contract(r))
     rows.extend(_information(r))
     return rows
 
@@ -169,6 +171,30 @@ def _simulated_device(r: dict[str, dict]) -> list[Row]:
     times = f" = {dev_rate / single:.2f}x single core" if single else ""
     label = f"SIMULATED device at {dev_rate:.0f} img/s{times}: utilization optimized | naive"
     return [(label, f"{uo:.1%} | {un:.1%}", ">= 95% | < 95%", uo >= 0.95 and un < 0.95)]
+
+
+def _input_contract(r: dict[str, dict]) -> list[Row]:
+    """The uint8 input contract against normalising in the pipeline, optimized raw PNG:
+    alternating runs ``contract-uint8-K`` / ``contract-float-K``; the CPU ms it saves
+    (median of the rounds' differences) and the bytes of a batch."""
+    pairs = []
+    for name, uint8 in sorted(r.items()):
+        if name.startswith("contract-uint8-") and f"contract-float-{name[15:]}" in r:
+            pairs.append((uint8, r[f"contract-float-{name[15:]}"]))
+    rows: list[Row] = []
+    timed = [(a, b) for a, b in pairs if a.get("cpu_ms_per_image") and b.get("cpu_ms_per_image")]
+    if timed:
+        saved = statistics.median(b["cpu_ms_per_image"] - a["cpu_ms_per_image"] for a, b in timed)
+        label = (
+            f"uint8 contract: CPU ms per image saved (median of {len(timed)} alternating rounds)"
+        )
+        rows.append((label, f"{saved:.2f}", ">= 0.3", saved >= 0.3))
+    sized = [(a, b) for a, b in pairs if a.get("bytes_per_batch") and b.get("bytes_per_batch")]
+    if sized:
+        small, large = sized[0][0]["bytes_per_batch"], sized[0][1]["bytes_per_batch"]
+        label = "uint8 contract: bytes per batch, float32 x3 / uint8"
+        rows.append((label, f"{large / small:.1f}x", ">= 12x", large / small >= 12))
+    return rows
 
 
 def _information(r: dict[str, dict]) -> list[Row]:

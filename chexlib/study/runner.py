@@ -55,10 +55,10 @@ import yaml
 
 from chexlib.core.files import read_json, write_json, write_text_atomic
 from chexlib.core.flags import add_flags, config_from_args, option
-from chexlib.study.inputs import inputs_digest
 from chexlib.study.lock import study_lock
 from chexlib.study.notebook import REPO, run_notebook
 from chexlib.study.safe_yaml import YamlLimitError, safe_load
+from chexlib.study.summary_inputs import inputs_digest
 
 DEFAULT_OUTPUTS = REPO / "outputs"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
