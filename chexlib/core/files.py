@@ -8,10 +8,11 @@ import errno
 import json
 import math
 import os
+import socket
 import stat
 import tempfile
 from dataclasses import asdict, is_dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path, PurePath
 
 
@@ -179,3 +180,35 @@ _JSON_NAMES[type(None)] = "null"
 
 
 _JSON_NAMES[bool] = "boolean"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, name: str, busy):
+    """Hold ``folder/name`` (an ``flock``; the folder is made if missing) for the block:
+    one process at a time works in ``folder``.
+
+    The kernel releases an ``flock`` when its holder exits or is killed, so a dead
+    holder never leaves a stale lock; the file's text (pid, host, since when) names
+    the holder for the error another process gets.
+
+    Args:
+        busy: ``holder text -> exception`` raised when another process holds it.
+    """
+    import fcntl  # here: POSIX only, and only the lockers need it
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip()[:200] or "process unknown"
+            raise busy(holder) from None
+        os.ftruncate(fd, 0)
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock

@@ -32,22 +32,19 @@ byte-identical shards for any number of workers.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import queue
 import shutil
-import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chexlib import __version__
-from chexlib.core.files import read_json, write_json
+from chexlib.core.files import folder_lock, read_json, write_json
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.core.machine import usable_cores, versions
 from chexlib.data.fingerprint import metadata_fingerprint
@@ -108,36 +105,17 @@ def _ours(out: Path) -> list[Path]:
     ]
 
 
-@contextlib.contextmanager
 def conversion_lock(out: Path):
-    """Hold ``OUT/.convert.lock`` for a whole conversion: one per folder at a time.
-
-    An ``flock`` is released by the kernel when its holder exits or is
-    killed, so a dead run never leaves a stale lock; the file's text (PID,
-    host, start time) names the holder for the error a second run gets.
+    """Hold ``OUT/.convert.lock`` for a whole conversion: one per folder at a time
+    (:func:`chexlib.core.files.folder_lock`).
 
     Raises:
-        RecordsError: another process holds the lock.
+        RecordsError: another process holds the lock; names it.
     """
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = (out / LOCK).read_text(errors="replace").strip() or "process unknown"
-            raise RecordsError(
-                f"{out}: another conversion is writing into this folder ({holder}); wait for "
-                "it to finish (rerun the same command to resume), or choose another folder"
-            ) from None
-        os.ftruncate(fd, 0)
-        started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return folder_lock(out, LOCK, lambda holder: RecordsError(
+        f"{out}: another conversion is writing into this folder ({holder}); wait for "
+        "it to finish (rerun the same command to resume), or choose another folder"
+    ))  # fmt: skip
 
 
 def _claim(out: Path, state: dict, overwrite: bool) -> None:

@@ -10,12 +10,9 @@ second study gets.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import fcntl
-import os
-import socket
 from pathlib import Path
+
+from chexlib.core.files import folder_lock
 
 LOCK = ".study.lock"
 
@@ -24,30 +21,15 @@ class StudyLockError(RuntimeError):
     """Another process runs a study in this folder; the message names it."""
 
 
-@contextlib.contextmanager
 def study_lock(study_dir: str | Path):
-    """Hold ``study_dir/.study.lock`` (made with its folder if missing) for the block.
+    """Hold ``study_dir/.study.lock`` (made with its folder if missing) for the block
+    (:func:`chexlib.core.files.folder_lock`).
 
     Raises:
         StudyLockError: another process holds it; names the folder, its host,
             process id and start time.
     """
-    study_dir = Path(study_dir)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    path = study_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text(errors="replace").strip()[:200] or "process unknown"
-            raise StudyLockError(
-                f"{study_dir}: another chexlib study is running in this folder ({holder}); "
-                "wait for it to finish (rerun then to resume), or give another --outputs"
-            ) from None
-        os.ftruncate(fd, 0)
-        since = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
-        yield path
-    finally:
-        os.close(fd)  # releases the lock
+    return folder_lock(study_dir, LOCK, lambda holder: StudyLockError(
+        f"{study_dir}: another chexlib study is running in this folder ({holder}); "
+        "wait for it to finish (rerun then to resume), or give another --outputs"
+    ))  # fmt: skip
