@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"core", "data", "records", "pipeline", "report"},
     "explain": {"core", "data", "records", "pipeline", "train", "report"},
     "launch": {"core", "data", "train", "report"},
-    "bench": {"core", "data", "synth", "records", "pipeline", "report"},
+    "bench": {"core", "data", "synth", "records", "pipeline", "train", "report"},
     "walkthrough": {
         "core", "data", "synth", "records", "pipeline", "train", "explain", "launch", "bench", "report",
     },

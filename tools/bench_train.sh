@@ -20,6 +20,8 @@
 # "2 ranks / 1 rank" checks correctness and Horovod's overhead; it is not a
 # scaling measurement.
 #
+# It starts with the training loop itself (chexlib bench-loop, see below).
+#
 # Usage: tools/bench_train.sh            (from anywhere; outputs in outputs/bench/train)
 # Settings from the environment, e.g.
 #   BENCH_TRAIN_MODELS=resnet50 BENCH_TRAIN_RANKS="1" BENCH_TRAIN_PAIRS=6 tools/bench_train.sh
@@ -46,6 +48,19 @@ STEPS=$((WARMUP + 2 * PAIRS * WINDOW))
 INPUTS=${BENCH_TRAIN_INPUTS:-"optimized-raw optimized-records naive-raw"}
 
 mkdir -p "$OUT"
+# The loop first: chexlib train --synthetic against a plain Keras fit of the same model
+# and batch (target >= 0.99x), then --precision auto against float32 (target >= 1.6x
+# where the CPU has native bfloat16; elsewhere it says why there is nothing to compare).
+# Alternating processes, LOOP_ROUNDS rounds each; records in $OUT/loop.json, precision.json.
+LOOP_ROUNDS=${BENCH_LOOP_ROUNDS:-3}
+LOOP_ARGS=(--model "${BENCH_LOOP_MODEL:-densenet121}" --image-size "$IMAGE_SIZE"
+           --batch-size "${BENCH_LOOP_BATCH:-16}" --rounds "$LOOP_ROUNDS" --out "$OUT")
+if [ "${BENCH_LOOP:-1}" = 1 ]; then
+  echo "== training loop: chexlib train vs a plain Keras fit ($LOOP_ROUNDS alternating rounds)"
+  "$CHEXLIB" bench-loop --compare loop "${LOOP_ARGS[@]}"
+  echo "== precision: --precision auto vs float32"
+  "$CHEXLIB" bench-loop --compare precision "${LOOP_ARGS[@]}"
+fi
 echo "== dataset: $N_IMAGES generated images of ${SOURCE_SIZE}x${SOURCE_SIZE} in $DATA"
 "$CHEXLIB" synth "$DATA" --images "$N_IMAGES" --size "$SOURCE_SIZE" --seed 0 --no-progress > /dev/null
 if [[ " $INPUTS " == *" optimized-records "* ]]; then

@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "chexlib.report.benchmarks",
         "print make bench-pipeline's ratios against their targets",
     ),
+    "bench-loop": (
+        "chexlib.bench.loop",
+        "time chexlib train's loop against a plain Keras fit, or precision against precision",
+    ),
     "data-service": (
         "chexlib.pipeline.dataservice",
         "run a tf.data service dispatcher and/or workers",

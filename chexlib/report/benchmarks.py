@@ -309,9 +309,35 @@ def train_table(run_dirs):
     return t.sort_values(["model", "ranks", "input"]), messages
 
 
+def loop_lines(record: dict) -> list[str]:
+    """``chexlib bench-loop``'s record (``loop.json``, ``precision.json``) as lines with the
+    verdict against its target, or why it could not be measured here."""
+    if record.get("not_testable"):
+        return [f"{record['compare']}: not testable on this machine: {record['not_testable']}"]
+    lines = [f"{record['b']} / {record['a']} (alternating processes, load before "
+             f"{record['load_before']:.2f}, {record['cores']} cores, {record['cpu']})"]  # fmt: skip
+    for row in record["rounds"]:
+        lines.append(
+            f"  round {row['round'] + 1}: {row['a']:.2f} vs {row['b']:.2f} images/s: "
+            f"{row['ratio']:.3f}x"
+        )
+    verdict = "PASS" if record["ratio_median"] >= record["target"] else "FAIL"
+    lines.append(
+        f"  median {record['ratio_median']:.3f}x (range {record['ratio_min']:.3f}-"
+        f"{record['ratio_max']:.3f}), target >= {record['target']}: {verdict}"
+    )
+    return lines
+
+
 def train_report(out_dir, run_dirs) -> str:
-    """The training table of ``run_dirs`` and each run's verdict; writes ``out_dir/summary.csv``."""
-    t, lines = train_table(run_dirs)
+    """The training table of ``run_dirs`` and each run's verdict; writes ``out_dir/summary.csv``.
+    ``chexlib bench-loop``'s records in ``out_dir`` come first."""
+    lines = []
+    for name in ("loop.json", "precision.json"):
+        if (Path(out_dir) / name).is_file():
+            lines += [*loop_lines(json.loads((Path(out_dir) / name).read_text())), ""]
+    t, messages = train_table(run_dirs)
+    lines += messages
     if t.empty:
         return "\n".join([*lines, "no training run with paired windows"])
     lines.append(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

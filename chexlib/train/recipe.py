@@ -9,9 +9,11 @@ distribution carries a ``# Horovod:`` comment:
    number of steps per epoch, from the smallest shard;
 3. the learning rate scaled by the number of ranks (``--no-scale-lr`` turns
    it off) and ``hvd.DistributedOptimizer`` around Adam (gradients averaged by
-   allreduce);
+   allreduce; a job of one rank trains with plain Adam, as fast as a plain
+   Keras ``fit``: ``make bench-train`` measures it);
 4. the initial variables broadcast from rank 0 (after a ``--resume`` restore);
-5. callbacks: metric averaging, LR warm-up over ``--warmup-epochs``, then
+5. callbacks: metric averaging and LR warm-up over ``--warmup-epochs`` (at
+   more than one rank), then
    ReduceLROnPlateau on the validation loss; only rank 0 checkpoints, writes
    TensorBoard files and prints progress;
 6. one Keras ``fit()`` per epoch; only rank 0 writes results.
@@ -233,6 +235,7 @@ def train(config: TrainConfig) -> RunRecord:
 
     # Horovod: initialize Horovod.
     hvd.init()
+    process.after_horovod_init()
     rank, ranks = hvd.rank(), hvd.size()
     if config.pin_cores:  # before TensorFlow starts its thread pools
         process.pin_cores(config.pin_cores, hvd.local_rank(), hvd.local_size())
@@ -247,8 +250,7 @@ def train(config: TrainConfig) -> RunRecord:
         model = build_model(config.model, config.image_size, config.weights)
         # Horovod: scale the learning rate by the number of ranks (the global batch grows).
         lr = config.learning_rate * (ranks if config.scale_lr else 1)
-        # Horovod: wrap Adam so gradients are averaged over ranks by allreduce.
-        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr))
+        optimizer = _optimizer(lr, ranks)
         loss = tf.keras.losses.BinaryCrossentropy()
         model.compile(optimizer=optimizer, loss=loss, jit_compile=False)  # --xla: auto-clustering
         scorers, split_sizes = split_scorers(model, data, data.evaluated)
@@ -279,11 +281,44 @@ def train(config: TrainConfig) -> RunRecord:
         return record
 
 
+def _optimizer(lr: float, ranks: int):
+    """Adam; Horovod: wrapped so gradients are averaged over ranks by allreduce.
+
+    One rank has nothing to average, and the wrapper would still add a conditional
+    per variable to every step, so it trains with plain Adam (the same variables:
+    checkpoints move between rank counts).
+    """
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    optimizer = tf.keras.optimizers.Adam(lr)
+    return hvd.DistributedOptimizer(optimizer) if ranks > 1 else optimizer
+
+
+def _horovod_callbacks(config: TrainConfig, lr, steps: int, talk: int) -> list:
+    """Horovod's callbacks; none at one rank, where both are no-ops and the warm-up
+    would still act every step."""
+    import horovod.tensorflow.keras as hvd
+
+    if hvd.size() == 1:
+        return []
+    return [
+        # Horovod: average metrics among ranks at the end of every epoch.
+        hvd.callbacks.MetricAverageCallback(),
+        # Horovod: ramp the LR up to lr (= base x ranks) over the first epochs (large-batch
+        # warm-up).
+        hvd.callbacks.LearningRateWarmupCallback(
+            initial_lr=lr, warmup_epochs=config.warmup_epochs, steps_per_epoch=steps, verbose=talk
+        ),
+    ]
+
+
 def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorers, settings):
     """The run's Keras callbacks in the order they run, and its throughput callback.
 
-    Horovod's come first, as in its Keras example. ``resumed`` (a checkpoints.Resumed)
-    holds the history and plateau state to go on from; ``scorers`` (evaluate.split_scorers)
+    Horovod's come first, as in its Keras example (at more than one rank). ``resumed``
+    (a checkpoints.Resumed) holds the history and plateau state to go on from; ``scorers``
+    (evaluate.split_scorers)
     is empty without evaluation; ``settings`` is what each checkpoint records for --resume.
     The evaluation appends each epoch's record to the history before TensorBoard
     and the checkpoint read it; the checkpoint saves the plateau's counters after
@@ -309,12 +344,7 @@ def _callbacks(config: TrainConfig, lr, steps, model, optimizer, resumed, scorer
     if resumed.plateau is not None:  # its counters go on from the checkpoint
         plateau.set_state(resumed.plateau)
     callbacks = [
-        # Horovod: average metrics among ranks at the end of every epoch.
-        hvd.callbacks.MetricAverageCallback(),
-        # Horovod: ramp the LR from lr to lr x ranks over the first epochs (large-batch warm-up).
-        hvd.callbacks.LearningRateWarmupCallback(
-            initial_lr=lr, warmup_epochs=c.warmup_epochs, steps_per_epoch=steps, verbose=talk
-        ),
+        *_horovod_callbacks(c, lr, steps, talk),
         throughput,
         train_callbacks.EvaluationCallback(history, hvd.size(), throughput, scorers.get("val")),
         # NaN or inf loss: stop before the checkpoint (the same on every rank, averaged)
