@@ -7,8 +7,9 @@ STAMP   := $(VENV)/.chexlib-ready
 SPEC    ?= papermill_runs/demo.yaml
 STUDY_ARGS ?=
 PYTEST_ARGS ?=
+CLUSTER_ARGS ?=
 
-.PHONY: venv study publish test bench bench-pipeline bench-train lint lab kernel clean-outputs
+.PHONY: venv study publish docs browser-packages cluster-packages cluster cluster-down test bench bench-pipeline bench-train lint lab kernel clean-outputs
 
 venv: $(STAMP)
 
@@ -29,7 +30,30 @@ study: venv
 publish: venv
 	$(VENV)/bin/chexlib publish-results outputs/demo/summary
 
-test: venv
+# The book: the executed notebooks of docs/walkthrough/ (rendered, never executed) and
+# the reference pages of docs/, into site/ (open site/index.html). Works on a fresh
+# clone; `make study` then `make publish` refresh what it reads. mkdocs.yml has the contents.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Debian's headless Chromium for tests/test_browser.py (no browser download).
+browser-packages:
+	bash tools/browser_packages.sh
+
+# A LOCAL EMULATION of a cluster for tests, teaching and measurement: nodes node1..nodeN
+# as network namespaces on this machine, each with sshd and slurmd; slurmctld and munge on
+# the host (root; Debian's slurm-wlm, munge, openssh-server). CLUSTER_ARGS= adds
+# chexlib cluster up flags (e.g. CLUSTER_ARGS="--nodes 2 --cores-per-node 1 --link-rate 1gbit").
+cluster-packages:
+	bash tools/cluster_packages.sh
+
+cluster: venv cluster-packages
+	$(VENV)/bin/chexlib cluster up $(CLUSTER_ARGS)
+
+cluster-down: venv
+	$(VENV)/bin/chexlib cluster down
+
+test: venv browser-packages cluster-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks measure speed and print ratios measured side by side in one run.

@@ -1,5 +1,6 @@
 """The README's commands exist: every chexlib subcommand and flag, every make target and setting.
 
+The README and the book's reference pages (docs/*.md, split out of it) are read alike.
 README.md's fenced shell blocks are read as a shell would split them
 (continuation lines, comments, ``VAR=value`` prefixes, ``$B`` and
 ``"${ARGS[@]}"`` set earlier in the block, commands wrapped by
@@ -31,6 +32,8 @@ from chexlib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# the README and the reference pages split out of it (the book's, docs/*.md)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 SHELL_LANGS = {"", "bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -280,13 +283,18 @@ def check_make(args: list[str], root: Path = ROOT) -> list[str]:
 
 # --- the README's commands ------------------------------------------------------------------
 
-README_TEXT = README.read_text()
-COMMANDS = readme_commands(README_TEXT)
+README_TEXT = "\n".join(page.read_text() for page in PAGES)
+# (file:line, kind, args): each page parsed alone, so a block never runs into the next page
+COMMANDS = [
+    (f"{page.relative_to(ROOT)}:{line}", kind, args)
+    for page in PAGES
+    for line, kind, args in readme_commands(page.read_text())
+]
 
 
 def _id(cmd: tuple[int, str, list[str]]) -> str:
     line, kind, args = cmd
-    return f"L{line}-{kind}-" + "-".join(a for a in args[:1])
+    return f"{line}-{kind}-" + "-".join(a for a in args[:1])
 
 
 def test_readme_has_commands_to_check():
@@ -302,7 +310,7 @@ def test_readme_has_commands_to_check():
 def test_readme_command_is_accepted(cmd):
     line, kind, args = cmd
     problems = check_chexlib(args) if kind == "chexlib" else check_make(args)
-    assert not problems, f"README.md line {line}: {kind} {shlex.join(args)}\n" + "\n".join(problems)
+    assert not problems, f"{line}: {kind} {shlex.join(args)}\n" + "\n".join(problems)
 
 
 def _prose(text: str) -> str:
@@ -329,7 +337,9 @@ def test_train_flag_table_lists_real_flags():
     """The `| flag | meaning |` table under `chexlib train` lists flags that exist."""
     prose = _prose(README_TEXT)
     header = re.search(r"^\| flag \|.*$", prose, re.M)
-    assert header, "README.md: the flag table of chexlib train (`| flag | meaning ...`) not found"
+    assert header, (
+        "README.md and docs/*.md: the flag table of chexlib train (`| flag | meaning ...`) not found"
+    )
     before = re.findall(r"`chexlib ([\w-]+)", prose[: header.start()])
     assert before and before[-1] == "train", "the flag table no longer follows `chexlib train`"
     rows = re.findall(r"^\|([^|\n]*(?:\\\|[^|\n]*)*)\|", prose[header.end() :], re.M)

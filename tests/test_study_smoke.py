@@ -21,6 +21,7 @@ CLAIMS = [
     "learning",
     "localization",
     "feeding",
+    "scaling-projection",
 ]
 
 

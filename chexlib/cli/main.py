@@ -55,6 +55,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "chexlib.report.publish",
         "copy a study's figures and results into the README",
     ),
+    "cluster": (
+        "chexlib.cluster.cli",
+        "up/status/down: a LOCAL EMULATION of a cluster (namespaces as nodes, ssh, Slurm)",
+    ),
 }
 
 
@@ -115,7 +119,15 @@ def _raised_in_chexlib(err: BaseException) -> bool:
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # Errors of a library chexlib does not import here, by class name: (exit status, what it means).
-_PEER_FAILURES = {"HorovodInternalError": (1, "a Horovod collective failed (another rank died?)")}
+_PEER_FAILURES = {
+    "HorovodInternalError": (
+        1,
+        "a Horovod collective failed (another rank died or a link was lost?)",
+    )
+}
+# In a TensorFlow op error's message: Horovod stopped because a peer failed (an op
+# error, not HorovodInternalError, when the collective ran inside a Keras step).
+_PEER_SHUTDOWN = "Horovod has been shut down"
 
 
 def describe(err: BaseException) -> str:
@@ -141,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chexlib {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if type(err).__name__ in _PEER_FAILURES:
-            status, meaning = _PEER_FAILURES[type(err).__name__]
-            print(f"chexlib {args.command}: error: {meaning}: {describe(err)}", file=sys.stderr)
+        if type(err).__name__ in _PEER_FAILURES or _PEER_SHUTDOWN in str(err):
+            status, meaning = _PEER_FAILURES["HorovodInternalError"]
+            run = f" in run {args.out}" if getattr(args, "out", None) else ""
+            text = describe(err)
+            text = _PEER_SHUTDOWN if _PEER_SHUTDOWN in text else text  # not the graph's traceback
+            print(f"chexlib {args.command}: error{run}: {meaning}: {text}", file=sys.stderr)
             return status
         if not is_user_error(err):
             raise  # a bug: its traceback is what a report needs

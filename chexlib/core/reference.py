@@ -31,6 +31,7 @@ POSTER_THROUGHPUT = {
 }  # fmt: skip
 # The poster: TFRecords (full-size PNG bytes) over raw PNG files, % images/s, 4 GPUs.
 POSTER_RECORDS_GAIN = {"resnet50": 8.39, "densenet121": 13.1}
+POSTER_RECORDS_GAIN_SETUP = "4 V100s"  # where the poster measured that gain
 POSTER_HARDWARE = "poster: PowerEdge C4140, 4x V100 per node, TF 1.12, Horovod 0.16.4"
 POSTER_NODE = {"gpus": 4, "cores": 40, "name": "the poster's node (4x V100, 40 cores)"}
 BIG_NODE = {"gpus": 8, "cores": 112, "name": "an 8-GPU node with 112 cores"}
@@ -51,3 +52,19 @@ GPU_RATES = [
 # No published per-GPU H100 training rate for ResNet-50 or DenseNet121 was found
 # (MLPerf publishes time to train, not a per-GPU rate); the projection says so.
 MISSING_RATES = {"H100": "no published per-GPU training rate found for ResNet-50 or DenseNet121"}
+
+# For the scaling projection (chexlib.report.allreduce_model).
+# The poster's weak-scaling efficiency, as it states it (images/s(N) / (N x images/s(1))).
+POSTER_EFFICIENCY = {4: 0.796, 16: 0.646}
+POSTER_BATCH_PER_GPU = 64  # the poster's local batch per Horovod rank
+# The poster's interconnect: EDR InfiniBand, 4x links at 100 Gbit/s (InfiniBand Trade
+# Association's EDR data rate).
+POSTER_LINK = {"name": "EDR InfiniBand", "gbit_per_s": 100.0}
+# Gradients allreduced per step = trainable parameters with chexlib's 14-label head:
+# Keras Applications' totals with their 1000-class top (keras.io/api/applications:
+# DenseNet121 8,062,504, ResNet50 25,636,712), minus that top (1024 or 2048 x 1000 + 1000),
+# minus the BatchNorm moving statistics (not trained: 83,648 and 53,120), plus Dense(14).
+MODEL_PARAMS = {
+    "densenet121": 8_062_504 - 1_025_000 - 83_648 + (1024 * 14 + 14),  # 6,968,206
+    "resnet50": 25_636_712 - 2_049_000 - 53_120 + (2048 * 14 + 14),  # 23,563,278
+}

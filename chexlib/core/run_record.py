@@ -23,8 +23,9 @@ from pathlib import Path
 from chexlib.core.files import read_json
 
 # 1: the records before versions; 2: schema_version written, additions named, not numbered;
-# 3: precision (an older record reads as float16 if mixed_precision, else float32).
-SCHEMA_VERSION = 3
+# 3: precision (an older record reads as float16 if mixed_precision, else float32);
+# 4: hosts_per_rank (an older record reads as None: not gathered).
+SCHEMA_VERSION = 4
 
 CEILING_KEYS = (  # what ``chexlib.report.training.ceiling_metrics`` returns
     "synthetic_images_per_sec",
@@ -39,6 +40,8 @@ ADDITIONS = {
     "rank table": ("launch", "rank_table"),
 }
 _ADDED = {key for keys in ADDITIONS.values() for key in keys}
+# Keys written only when known: an older record without them round-trips as it was.
+_WHEN_KNOWN = ("hosts_per_rank",)
 # Keys no other stage's record has: a record holding any of them is a training run's.
 _TRAINING_MARKERS = ("ranks", "images_per_sec", "steps_per_epoch", "weights_in_sync")
 
@@ -105,6 +108,7 @@ class RunRecord:
     xla: bool
     environment: dict
     precision: str | None = None  # "float32", "bfloat16" or "float16" (read in from older records)
+    hosts_per_rank: list[str] | None = None  # each rank's hostname, by rank (None: not gathered)
 
     # A launcher's additions: the launch mode, the synthetic-data ceiling
     # (report.training.ceiling_metrics) and the figures saved (with_ceiling); or the
@@ -135,7 +139,8 @@ class RunRecord:
             **{
                 f.name: getattr(self, f.name)
                 for f in fields(self)
-                if f.name not in _ADDED or f.name in keep
+                if (f.name not in _ADDED or f.name in keep)
+                and not (f.name in _WHEN_KNOWN and getattr(self, f.name) is None)
             },
         }
 

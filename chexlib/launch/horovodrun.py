@@ -9,7 +9,10 @@
     runs ``horovodrun -np N -H host1:4,host2:4 --gloo chexlib train ...`` as a
     subprocess, the command built by :func:`horovodrun_command` from a
     ``TrainConfig``; :func:`mpirun_command` builds the Open MPI one for
-    clusters whose Horovod has MPI.
+    clusters whose Horovod has MPI. On hosts with several network interfaces,
+    name the one the ranks talk over (``network_interface``, or the environment
+    variable :data:`NETWORK_INTERFACE_ENV`): horovodrun gets
+    ``--network-interface NAME --disable-cache``.
 
 Both are bounded by a timeout and name the rank that failed or got stuck
 (:mod:`chexlib.launch.processes`).
@@ -22,11 +25,13 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from chexlib.core.run_record import RunRecord
@@ -46,6 +51,9 @@ from chexlib.launch.rank_log import RankLog, pump
 from chexlib.train.config import config_to_argv
 from chexlib.train.recipe import train
 
+# The network interface the ranks talk over (e.g. eth0, ib0), when not given as an argument.
+NETWORK_INTERFACE_ENV = "CHEXLIB_NETWORK_INTERFACE"
+
 # --- horovod.run -------------------------------------------------------------------------
 
 
@@ -57,6 +65,18 @@ def _all_local(hosts: str | None) -> bool:
 
     names = [h.rpartition(":")[0] or h for h in hosts.split(",")]
     return not filter_local_addresses(names)
+
+
+def _remote_settings(hosts: str | None) -> dict:
+    """``horovod.run``'s settings for other hosts: no cache of host checks (an hour of
+    stale answers while nodes come and go) and :data:`NETWORK_INTERFACE_ENV`'s interface.
+    Nothing for this host alone (its servers listen on 127.0.0.1)."""
+    if _all_local(hosts):
+        return {}
+    return {
+        "disable_cache": True,
+        "network_interface": os.environ.get(NETWORK_INTERFACE_ENV) or None,
+    }
 
 
 @contextlib.contextmanager
@@ -121,8 +141,8 @@ def run_function(
     log: RankLog | None = None,
 ) -> list:
     """``horovod.run(fn, ...)`` on ``np`` Gloo ranks, bounded and with failures named.
-
-    Must run in the main thread (Horovod installs signal handlers).
+    Must run in the main thread (Horovod installs signal handlers). Other hosts are
+    reached over :data:`NETWORK_INTERFACE_ENV`'s interface when it is set.
 
     Args:
         fn: a picklable function (Horovod sends it to the ranks with cloudpickle).
@@ -134,7 +154,6 @@ def run_function(
 
     Returns:
         ``fn``'s return value on every rank, by rank.
-
     Raises:
         LaunchError: a rank exited non-zero or raised, or the timeout passed.
     """
@@ -156,6 +175,7 @@ def run_function(
                     np=np,
                     hosts=hosts or f"localhost:{np}",
                     use_gloo=True,
+                    **_remote_settings(hosts),
                     start_timeout=start_timeout,
                     verbose=verbose,
                 )
@@ -243,9 +263,19 @@ def _tool(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def horovodrun_command(config, np: int, hosts: str | None = None) -> list[str]:
-    """``horovodrun -np N -H hosts --gloo chexlib train <flags>`` for ``config``."""
+def horovodrun_command(
+    config, np: int, hosts: str | None = None, network_interface: str | None = None
+) -> list[str]:
+    """``horovodrun -np N -H hosts --gloo chexlib train <flags>`` for ``config``.
 
+    Args:
+        network_interface: the interface every host reaches the others on (the same
+            name on every host); None: :data:`NETWORK_INTERFACE_ENV`, else Horovod
+            finds the interfaces all hosts share. Named, horovodrun also gets
+            ``--disable-cache``: its cached host checks (an hour) would hide nodes
+            that came and went.
+    """
+    nic = network_interface or os.environ.get(NETWORK_INTERFACE_ENV) or None
     return [
         _tool("horovodrun"),
         "-np",
@@ -253,6 +283,7 @@ def horovodrun_command(config, np: int, hosts: str | None = None) -> list[str]:
         "-H",
         hosts or f"localhost:{np}",
         "--gloo",
+        *(["--network-interface", nic, "--disable-cache"] if nic else []),
         _tool("chexlib"),
         "train",
         *config_to_argv(config),
@@ -297,20 +328,22 @@ def run_horovodrun(
     timeout: float | None = None,
     env: dict | None = None,
     log: RankLog | None = None,
+    network_interface: str | None = None,
 ) -> RunRecord:
     """Run :func:`horovodrun_command` as a subprocess; return the record rank 0 wrote.
 
     Args:
+        network_interface: see :func:`horovodrun_command`.
         log: an open :class:`RankLog`: each line horovodrun prints (every
             rank's, ``[R]<stdout>:``-prefixed) is passed on to it as it comes.
             Either way the last lines are kept for the error message.
 
     Raises:
-        LaunchError: non-zero exit, with the end of the output; or ``timeout``
-            passed: the ranks still running are named and killed.
+        LaunchError: non-zero exit (:func:`failure_summary`, then the end of the
+            output without Python tracebacks); or ``timeout`` passed: the ranks
+            still running are named and killed.
     """
-
-    command = horovodrun_command(config, np, hosts)
+    command = horovodrun_command(config, np, hosts, network_interface)
     unbuffered = {"PYTHONUNBUFFERED": "1"} if log else {}  # ranks print each line at once
     proc = subprocess.Popen(
         command,
@@ -345,6 +378,66 @@ def run_horovodrun(
         message = timeout_message("horovodrun", timeout, np, stuck)
         raise LaunchError(f"{message}\n{' '.join(command)}\n{tail}")
     if proc.returncode != 0:
-        tail = "\n".join([*out, *err][-40:])
-        raise LaunchError(f"exit status {proc.returncode}: {' '.join(command)}\n{tail}")
+        raise LaunchError(_failure(config.out, proc.returncode, hosts, command, [*out, *err]))
     return RunRecord.read(Path(config.out) / "metrics.json")
+
+
+def _failure(out: str, status: int, hosts: str | None, command: list[str], lines: list[str]):
+    """The message of a failed horovodrun: the summary, the command, the output's end."""
+    lines = [ln for ln in lines if not _traceback_line(ln)]
+    summary = failure_summary(out, status, hosts, lines)
+    return f"{summary}\n{' '.join(command)}\n" + "\n".join(lines[-40:])
+
+
+def _traceback_line(line: str) -> bool:
+    """A line of a Python traceback (its frames, their source lines indented, or an
+    empty rank-prefixed line): no news in a failure."""
+    text = re.sub(r"^\[\d+\]<std(out|err)>:", "", line)
+    return (
+        not text.strip()
+        or text.startswith("    ")
+        or text.lstrip().startswith(('File "', "Traceback (most recent", "^^^"))
+    )
+
+
+# A peer lost in a collective, as Gloo and Horovod put it (the first such line is quoted).
+_LOST_PEER = re.compile(
+    r"Timed out waiting \d+ms for \w+ operation|Connection (closed|reset|refused)"
+    r"|Read error|Horovod has been shut down|HorovodInternalError"
+)
+
+
+def failure_summary(out: str, status: int, hosts: str | None, lines: list[str]) -> str:
+    """One line: the run's folder, the exit status, the hosts that no longer answer
+    on their ssh port (a node down or its link cut), and the first Gloo/Horovod
+    error line of the output."""
+    text = f"training run {out} failed: horovodrun exit status {status}"
+    if hosts:
+        lost = unreachable_hosts(hosts)
+        text += f" on hosts {hosts}"
+        if lost:
+            text += f"; lost node(s) {', '.join(lost)}: not answering on ssh port 22 now"
+            text += " (node down or its network link cut?)"
+    cause = next((ln for ln in lines if _LOST_PEER.search(ln)), None)
+    if cause is not None:
+        rank = re.match(r"\[(\d+)\]", cause)  # horovodrun's prefix of a rank's line
+        who = f"rank {rank.group(1)}: " if rank else ""
+        text += f"; {who}{cause[_LOST_PEER.search(cause).start() :].strip()[:200]}"
+    return text
+
+
+def unreachable_hosts(hosts: str, port: int = 22, timeout: float = 3.0) -> list[str]:
+    """The hosts of ``"host:slots,..."`` (other machines) whose ``port`` does not
+    answer within ``timeout`` s, checked side by side."""
+    names = [h.rpartition(":")[0] or h for h in hosts.split(",")]
+    remote = [n for n in names if not _all_local(n)]
+
+    def answers(name: str) -> bool:
+        try:
+            with socket.create_connection((name, port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    with ThreadPoolExecutor(max(1, len(remote))) as pool:
+        return [n for n, ok in zip(remote, pool.map(answers, remote), strict=True) if not ok]

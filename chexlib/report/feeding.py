@@ -24,7 +24,13 @@ from chexlib.core.reference import (
     MISSING_RATES,
     POSTER_NODE,
 )
-from chexlib.report.style import INPUT_COLORS
+from chexlib.report.style import (
+    INPUT_COLORS,
+    THEIRS_COLOR,
+    finish,
+    new_figure,
+    readable_log_axis,
+)
 
 INPUTS = ["raw PNG", "png-records", "compact-records"]
 _VARIANT_NAMES = {"raw": "raw PNG", "png": "png-records", "compact": "compact-records"}
@@ -115,14 +121,16 @@ def _feeds(need: float | None, node: dict) -> bool | None:
 
 
 def plot_projection(table: pd.DataFrame, hardware: str):
-    """Bars: cores per GPU for each GPU/precision/model and input; node budgets as lines."""
-    import matplotlib.pyplot as plt
+    """Bars: cores per GPU for each GPU/precision/model and input; node budgets as lines.
 
+    The axis is logarithmic, a stated exception (``style.LOG_AXES``): compact records
+    need a tenth of a core where raw PNG needs more than a node has.
+    """
     data = table.dropna(subset=["cores_per_gpu"]).copy()
     data["gpu_label"] = data["gpu"] + " " + data["precision"] + "\n" + data["model"]
     labels = list(dict.fromkeys(data["gpu_label"]))
     inputs = [i for i in INPUTS if i in set(data["input"])]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.5))
+    fig, (ax,) = new_figure(max(8, 1.0 * len(labels)) + 2.8, 4.8)
     width = 0.8 / max(1, len(inputs))
     for k, name in enumerate(inputs):
         part = data[data["input"] == name].set_index("gpu_label").reindex(labels)
@@ -130,17 +138,12 @@ def plot_projection(table: pd.DataFrame, hardware: str):
         ax.bar(xs, part["cores_per_gpu"], width, label=name, color=INPUT_COLORS[name])
     for node, style in ((POSTER_NODE, "--"), (BIG_NODE, ":")):
         budget = node["cores"] / node["gpus"]
-        ax.axhline(
-            budget, color="0.2", ls=style, lw=1.2, label=f"{node['name']}: {budget:.0f} cores/GPU"
-        )
+        ax.axhline(budget, color=THEIRS_COLOR, ls=style, lw=1.2,
+                   label=f"{node['name']}: {budget:.0f} cores/GPU (theirs)")  # fmt: skip
     ax.set_yscale("log")
-    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+    readable_log_axis(ax.yaxis)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right",
+                  rotation_mode="anchor")  # fmt: skip
     ax.set_ylabel("CPU cores per GPU for input alone (log)")
-    ax.set_title(
-        "PROJECTION: cores one GPU needs to be fed, per input\n"
-        f"(CPU ms/image measured on {hardware}; GPU images/s published, theirs)",
-        fontsize=10,
-    )
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    return fig
+    return finish(fig, [ax], "PROJECTION: cores one GPU needs to be fed, per input "
+                  f"(CPU ms/image measured on {hardware}; GPU images/s published, theirs)")  # fmt: skip

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chexlib.report import bench_plots, feeding, summary, summary_plots
+from chexlib.report import (
+    allreduce_plots,
+    bench_plots,
+    feeding,
+    gradcam_plots,
+    summary,
+    summary_plots,
+)
 
 DPI = 120
 
@@ -27,7 +34,7 @@ class SummaryFigure:
         table: the table of :func:`chexlib.report.summary.load_study` it draws;
             an empty table means the study did not measure it, and the figure
             is skipped.
-        draw: ``tables -> matplotlib Figure``.
+        draw: ``tables -> matplotlib Figure``, or None when there is nothing to draw.
     """
 
     file: str
@@ -78,6 +85,12 @@ SUMMARY_FIGURES: tuple[SummaryFigure, ...] = (
         lambda t: feeding.plot_projection(t["feeding"], t["hardware"]),
     ),
     SummaryFigure(
+        "scaling_projection.png",
+        "PROJECTION: ring-allreduce model of the poster's scaling beside its measured efficiency",
+        "scaling_projection",
+        lambda t: allreduce_plots.plot_projection(t["scaling_projection"], t["hardware"]),
+    ),
+    SummaryFigure(
         "pipeline_vs_limit.png",
         "Pipeline alone against the CPU limit",
         "throughput",
@@ -87,7 +100,17 @@ SUMMARY_FIGURES: tuple[SummaryFigure, ...] = (
         "simulated_utilization.png",
         "SIMULATED accelerator utilization, naive vs optimized",
         "utilization",
-        lambda t: bench_plots.plot_utilization(t["utilization"], hardware=t["hardware"]),
+        lambda t: bench_plots.plot_utilization(
+            t["utilization"], t["throughput"], hardware=t["hardware"]
+        ),
+    ),
+    SummaryFigure(
+        "gradcam_overlays.png",
+        "Grad-CAM: where the trained model looks, its top finding per test image",
+        "localization",
+        lambda t: gradcam_plots.plot_overlays(
+            gradcam_plots.overlay_table(t["records"]), t["hardware"]
+        ),
     ),
 )
 BY_FILE = {figure.file: figure for figure in SUMMARY_FIGURES}
@@ -97,8 +120,11 @@ def save_figure(file: str, tables: dict, out_dir) -> Path | None:
     """Draw the summary figure ``file`` from ``tables`` into ``out_dir``; None (and
     nothing written) when the study did not measure what it shows."""
     figure = BY_FILE[file]
-    if tables[figure.table].empty:
+    if len(tables.get(figure.table, ())) == 0:  # a table, or a list (localization)
+        return None
+    drawn = figure.draw(tables)
+    if drawn is None:  # measured, but what it shows was not kept (no overlay files)
         return None
     path = Path(out_dir) / figure.file
-    figure.draw(tables).savefig(path, dpi=DPI, bbox_inches="tight")
+    drawn.savefig(path, dpi=DPI, bbox_inches="tight")
     return path

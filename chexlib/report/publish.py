@@ -2,8 +2,10 @@
 
 ``chexlib publish-results outputs/demo/summary`` reads what the summary
 notebook wrote (``metrics.json`` with the conclusions and the figure names,
-``training.csv``), copies the figures to ``docs/results/`` and replaces the
-block between :data:`BEGIN` and :data:`END` in ``README.md``. Nothing in the
+``training.csv``), copies the figures to ``docs/results/``, writes the study's
+executed notebooks to ``docs/walkthrough/`` (:mod:`chexlib.report.notebooks`: the
+book and GitHub show them) and replaces the block between :data:`BEGIN` and
+:data:`END` in ``README.md``. Nothing in the
 block is typed by hand, so the README always shows the last study that ran.
 
 Safe to interrupt and to rerun: the README is replaced in one rename (never
@@ -31,8 +33,10 @@ from chexlib.core.files import (
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.core.runs import RecordWarning
 from chexlib.report.figures import SUMMARY_FIGURES
+from chexlib.report.notebooks import publish_notebooks
 from chexlib.report.summary import throughput_rows
 from chexlib.report.summary_plots import config_label
+from chexlib.report.verdicts import conclusions
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -100,6 +104,16 @@ def study_durations(study_dir: str | Path) -> str | None:
     )
 
 
+def verdict_lines(metrics: dict) -> str:
+    """The block's verdicts: written from the verdicts the summary recorded (every state
+    and threshold source in this chexlib's words), else its stored conclusions."""
+    result = metrics.get("verdicts")
+    try:
+        return conclusions(result)
+    except (KeyError, TypeError, ValueError, AttributeError):  # none, or not the verdicts' shape
+        return metrics.get("conclusions", "_no conclusions recorded_")
+
+
 def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str | Path) -> str:
     """The Markdown between the markers, with figure links relative to the README."""
     summary_dir = Path(summary_dir)
@@ -131,7 +145,7 @@ def results_block(summary_dir: str | Path, docs_dir: str | Path, readme_dir: str
         f"hardware: {metrics.get('hardware') or env.get('hardware', 'unknown')}). "
         "Do not edit by hand.",
         "",
-        metrics.get("conclusions", "_no conclusions recorded_"),
+        verdict_lines(metrics),
         *([durations] if durations else []),
         "",
         throughput_table(training),
@@ -163,15 +177,19 @@ def split_readme(text: str, readme: Path) -> tuple[str, str]:
     return head, rest.split(END, 1)[1]
 
 
-def publish(summary_dir, readme="README.md", docs_dir="docs/results") -> list[Path]:
-    """Copy the summary's figures to ``docs_dir`` and rewrite the README block.
+def publish(
+    summary_dir, readme="README.md", docs_dir="docs/results", walkthrough=None
+) -> list[Path]:
+    """Copy the summary's figures to ``docs_dir``, the study's executed notebooks to
+    ``walkthrough`` (default: ``walkthrough/`` beside ``docs_dir``) and rewrite the README block.
 
     Returns the files written. The README must already hold the two markers
     (:data:`BEGIN`, :data:`END`), so the block's place is chosen by a person.
     Figures of an earlier publish that this one does not write are deleted;
-    other files in ``docs_dir`` are never touched.
+    other files in ``docs_dir`` are never touched (the same for notebooks).
     """
     summary_dir, readme, docs_dir = Path(summary_dir), Path(readme), Path(docs_dir)
+    walkthrough = Path(walkthrough) if walkthrough else docs_dir.parent / "walkthrough"
     try:
         text = readme.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -180,6 +198,8 @@ def publish(summary_dir, readme="README.md", docs_dir="docs/results") -> list[Pa
     block = escape_markers(results_block(summary_dir, docs_dir, readme.parent))
     names = [f.file for f in SUMMARY_FIGURES if (summary_dir / f.file).is_file()]
     docs_dir.mkdir(parents=True, exist_ok=True)
+    study, shown_as = _study_folders(summary_dir, readme.parent)
+    notebooks = publish_notebooks(study, walkthrough, shown_as, readme.parent / "notebooks")
     earlier = published_files(docs_dir)
     # Listed before copying, so files of an interrupted publish are known as ours.
     write_json(docs_dir / PUBLISHED, {"files": sorted({*earlier, *names})})
@@ -191,7 +211,19 @@ def publish(summary_dir, readme="README.md", docs_dir="docs/results") -> list[Pa
         with contextlib.suppress(FileNotFoundError):
             (docs_dir / name).unlink()
     write_json(docs_dir / PUBLISHED, {"files": names})
-    return [*written, readme]
+    return [*written, *notebooks, readme]
+
+
+def _study_folders(summary_dir: Path, readme_dir: Path) -> tuple[Path, Path]:
+    """The study folder (as :func:`results_block` finds it) and its name for a reader."""
+    params_file = summary_dir / "params.json"
+    params = read_json(params_file, expect=dict) if params_file.is_file() else {}
+    study = Path(params.get("study_dir", summary_dir.parent))
+    study = study if study.is_absolute() else summary_dir.parent  # relative to where it ran
+    try:
+        return study, study.resolve().relative_to(Path(readme_dir).resolve())
+    except ValueError:
+        return study, study
 
 
 def published_files(docs_dir: Path) -> list[str]:
@@ -227,6 +259,10 @@ class PublishCommand:
     )
     readme: str = option("README with the results markers", default="README.md")
     docs: str = option("folder the figures are copied to", default="docs/results")
+    walkthrough: str = option(
+        "folder the executed notebooks are written to (default: walkthrough/ beside --docs)",
+        default="",
+    )
 
 
 def add_arguments(parser) -> None:
@@ -237,7 +273,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """``chexlib publish-results SUMMARY_DIR``; errors are reported by the dispatcher."""
     config = config_from_args(PublishCommand, args)
-    files = publish(config.summary_dir, config.readme, config.docs)
+    files = publish(config.summary_dir, config.readme, config.docs, config.walkthrough)
     for f in files:
         print(f"written: {f}")
     return 0

@@ -30,6 +30,7 @@ from chexlib.core.run_record import RunRecord, RunRecordError, is_training_recor
 from chexlib.core.runs import RecordWarning, collect_runs
 from chexlib.data.metadata import LABELS
 from chexlib.records.manifest import manifest_if_any
+from chexlib.report import allreduce_model
 from chexlib.report.feeding import input_costs, projection
 
 INPUT_ORDER = ["raw PNG", "png-records", "compact-records", "synthetic"]
@@ -412,6 +413,17 @@ def usable_records(records: list[dict], left_out: list[dict]) -> list[dict]:
     return kept
 
 
+def allreduce_checks(records: list[dict]) -> list[dict]:
+    """Every check of the ring-allreduce model a run recorded (``allreduce_checks`` in the
+    ``metrics.json`` of :mod:`chexlib.report.cluster_scaling`'s runs), with its run."""
+    return [
+        {**check, "run_id": rec["run_id"]}
+        for rec in records
+        for check in rec["metrics"].get("allreduce_checks") or []
+        if isinstance(check, dict)
+    ]
+
+
 def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
     """Every table the summary needs, from the run records under ``study_dir``
     (None or "": none) and the runs made by hand in ``run_dirs``.
@@ -447,6 +459,10 @@ def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
         "gain": records_gain(train) if not train.empty else pd.DataFrame(),
         "input_costs": costs,
         "feeding": projection(costs) if not costs.empty else pd.DataFrame(),
+        # published numbers alone (the poster's hardware), the same for every study
+        "scaling_projection": allreduce_model.projection(),
+        # the ring model checked against measured 2-node overheads (notebook 04c's runs)
+        "allreduce_checks": allreduce_checks(records),
         "localization": [
             {**rec["metrics"], "run_id": rec["run_id"]}
             for rec in records

@@ -53,8 +53,10 @@ from pathlib import Path
 
 import yaml
 
-from chexlib.core.files import read_json, write_json, write_text_atomic
+from chexlib.core.files import read_json, write_json
 from chexlib.core.flags import add_flags, config_from_args, option
+from chexlib.study import slurm, slurm_spec
+from chexlib.study.html import render_html
 from chexlib.study.lock import study_lock
 from chexlib.study.notebook import REPO, run_notebook
 from chexlib.study.safe_yaml import YamlLimitError, safe_load
@@ -81,6 +83,7 @@ class Run:
     collects: bool = False  # a one-run stage reading every earlier run (the summary)
     timeout: float | None = None  # seconds the run may take; then its kernel is stopped
     study_dir: Path | None = None  # the folder whose runs a collecting run reads
+    slurm: slurm_spec.Resources | None = None  # its Slurm job's request (--executor slurm)
 
     @property
     def run_id(self) -> str:
@@ -151,8 +154,9 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _SAFE_HINT = (
     "letters, digits, '-', '_' and '.' only (no '/', no '..', not starting with '.' or '-')"
 )
-_SPEC_KEYS = ("name", "hosts", "vars", "stages", "timeout", "log_output")
-_STAGE_KEYS = ("name", "notebook", "parameters", "grid", "cases", "output_dir", "html", "timeout")
+_SPEC_KEYS = ("name", "hosts", "vars", "stages", "timeout", "log_output", "slurm")
+_STAGE_KEYS = ("name", "notebook", "parameters", "grid", "cases", "output_dir", "html")
+_STAGE_KEYS += ("timeout", "slurm")
 
 
 def _kind(value) -> str:
@@ -243,6 +247,7 @@ def load_spec(path: str | Path) -> dict:
     if spec.get("hosts") is not None and not isinstance(spec["hosts"], str):
         raise SpecError(f"{path}: hosts must be a string, not {_kind(spec['hosts'])}")
     _check_timeout(spec, f"{path}: ")
+    slurm_spec.check(spec.get("slurm"), f"{path}: slurm", SpecError)
     if not isinstance(spec.get("log_output", False), bool):
         value = spec["log_output"]
         raise SpecError(
@@ -273,6 +278,7 @@ def _check_stage(stage, where: str, path: Path) -> None:
     where = f"{where} ({stage['name']})"
     _check_keys(stage, _STAGE_KEYS, where)
     _check_timeout(stage, f"{where}: ")
+    slurm_spec.check(stage.get("slurm"), f"{where}: slurm", SpecError)
     for key in ("notebook", "output_dir", "html"):
         _check_string(stage, key, f"{where}: ")
     if "html" in stage:
@@ -295,13 +301,15 @@ def _check_stage(stage, where: str, path: Path) -> None:
         stage["notebook"] = str((path.parent / stage["notebook"]).resolve())
 
 
-def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
-    """All runs of a study, in stage order, grid in the order written."""
+def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS, hosts=None) -> list[Run]:
+    """All runs of a study, in stage order, grid in the order written; ``hosts``: what
+    ``{hosts}`` becomes (None: ``CHEXLIB_HOSTS``, else the spec's ``hosts``)."""
     outputs = Path(outputs).resolve()
     study_dir = outputs / spec["name"]
     variables = {"outputs": outputs, "study_dir": study_dir, "repo": REPO}
     # Cluster-specific values come from the environment, so one spec runs anywhere.
     variables["hosts"] = os.environ.get("CHEXLIB_HOSTS", spec.get("hosts", "") or "")
+    variables["hosts"] = variables["hosts"] if hosts is None else hosts
     # absolute: the notebooks run in their own folder, not where `chexlib study` started
     data_env = os.environ.get("CHEXLIB_DATA") or str(outputs / "data" / "nih")
     variables["data_env"] = str(Path(data_env).expanduser().resolve())
@@ -349,9 +357,16 @@ def expand(spec: dict, outputs: str | Path = DEFAULT_OUTPUTS) -> list[Run]:
                     collects="output_dir" in stage,
                     timeout=stage.get("timeout", spec.get("timeout")),
                     study_dir=study_dir,
+                    slurm=_resources(spec, stage, {**variables, **params}, where),
                 )
             )
     return runs
+
+
+def _resources(spec: dict, stage: dict, variables: dict, where: str) -> slurm_spec.Resources:
+    """A run's Slurm request (:func:`chexlib.study.slurm_spec.of_run`), placeholders filled."""
+    fill = functools.partial(_substitute, variables=variables, where=f"{where}: slurm")
+    return slurm_spec.of_run(spec, stage, fill, f"{where}: slurm", SpecError)
 
 
 def _inside(folder: Path, outputs: Path, field: str) -> Path:
@@ -366,8 +381,9 @@ class RunTimeout(RuntimeError):
     """A run outlived its stage's ``timeout``; its kernel and everything it started were killed."""
 
 
-def execute(run: Run, html: bool = True, log_output: bool = False) -> None:
-    """Run one notebook; ``run.json`` records the outcome either way.
+def execute(run: Run, html: bool = True, log_output: bool = False, extra=None, parameters=None):
+    """Run one notebook; ``run.json`` records the outcome either way, and ``extra`` (a
+    Slurm job's id and nodes). ``parameters``: the notebook's instead of ``run.parameters``.
 
     ``log_output``: stream its cell output and its ranks' output as it comes
     (see :func:`chexlib.study.notebook.run_notebook`).
@@ -381,6 +397,7 @@ def execute(run: Run, html: bool = True, log_output: bool = False) -> None:
         "stage": run.stage,
         "notebook": run.notebook,
         "parameters": _canonical(run.parameters),
+        **(extra or {}),
     }
     if run.collects:  # what it reads, taken before: a later change makes it stale
         record["inputs_sha256"] = _inputs_digest(run)
@@ -393,9 +410,8 @@ def execute(run: Run, html: bool = True, log_output: bool = False) -> None:
     if run.timeout:
         watch.start()
     try:
-        run_notebook(
-            run.notebook, run.executed, run.parameters, cwd=run.run_dir, log_output=log_output
-        )
+        given = run.parameters if parameters is None else parameters  # hosts filled in by Slurm
+        run_notebook(run.notebook, run.executed, given, cwd=run.run_dir, log_output=log_output)
     except Exception as err:  # papermill keeps the failing cell's error in the notebook
         done.set()
         if watch.is_alive():
@@ -453,17 +469,6 @@ def _kill_kernel(run_dir: Path) -> int:
     return killed
 
 
-def render_html(notebook: Path, target: Path | None = None) -> Path:
-    """An HTML rendering of an executed notebook (beside it by default), for reviewers."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    target = target or notebook.with_suffix(".html")
-    write_text_atomic(target, body)
-    return target
-
-
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return " | ".join(line for line in text if line.strip())[-600:] or type(err).__name__
@@ -478,6 +483,7 @@ def run_study(
     html: bool = True,
     log=print,
     log_output: bool | None = None,
+    executor: str = "local",
 ) -> StudyResult:
     """Expand a study and execute what is not complete yet.
 
@@ -492,11 +498,15 @@ def run_study(
         log: where progress lines go.
         log_output: stream each run's cell output and its Horovod ranks' output
             to stdout as it comes; None: the spec's ``log_output`` (default off).
+        executor: ``local`` (here) or ``slurm`` (each run a batch job: chexlib.study.slurm).
     """
     spec = load_spec(spec_path)
     if log_output is None:
         log_output = spec.get("log_output", False)
-    every_run = expand(spec, outputs)
+    if executor not in ("local", "slurm"):
+        raise ValueError(f"executor {executor!r}: use 'local' or 'slurm'")
+    on_slurm = executor == "slurm"
+    every_run = expand(spec, outputs, hosts=slurm_spec.ALLOCATION_HOSTS if on_slurm else None)
     # One study per folder at a time, from deciding what to run to the last run; the
     # lock's folder is made here: one that cannot be (a file in the way, no permission,
     # a full disk) stops the study with one error, not as a failure of every run.
@@ -518,7 +528,8 @@ def run_study(
         if dry_run or not todo:
             return result
         start = time.time()
-        _execute_stages(todo, result, jobs, log, html=html, log_output=log_output)
+        run_one = functools.partial(slurm.execute, log=log) if on_slurm else execute
+        _execute_stages(todo, result, jobs, log, run_one, html=html, log_output=log_output)
         _report(spec["name"], result, time.time() - start, log)
     return result
 
@@ -539,7 +550,7 @@ def _selected_runs(
     return [r for r in runs if r.stage in only]
 
 
-def _execute_stages(todo: list[Run], result: StudyResult, jobs: int, log, **execute_args) -> None:
+def _execute_stages(todo: list[Run], result: StudyResult, jobs: int, log, run_one, **execute_args):
     """Run ``todo`` stage after stage (later stages read earlier ones), ``jobs`` at a time
     within a stage; each outcome goes into ``result``, a failure does not stop the rest."""
     counter, start = itertools.count(1), time.time()
@@ -549,7 +560,7 @@ def _execute_stages(todo: list[Run], result: StudyResult, jobs: int, log, **exec
         log(f"[{i}/{len(todo)}] {_clock(time.time() - start)}  {run.stage}/{run.run_id} ...")
         t0 = time.time()
         try:
-            execute(run, **execute_args)
+            run_one(run, **execute_args)
             result.ran.append(run)
             log(f"[{i}/{len(todo)}] done in {_clock(time.time() - t0)}  {run.stage}/{run.run_id}")
         except Exception as err:
@@ -640,6 +651,9 @@ class StudyCommand:
     jobs: int = option("runs of one stage at the same time", default=1)
     outputs: str = option("root of the outputs tree", default=str(DEFAULT_OUTPUTS))
     html: bool = option("skip HTML renderings", default=True)  # the switch is --no-html
+    executor: str = option(
+        "where runs execute: local (here) or slurm (each a batch job, resources from the "
+        "spec's slurm:)", choices=("local", "slurm"), default="local")  # fmt: skip
     log_output: bool | None = option(
         "stream each notebook's cell output and the Horovod ranks' output ([R]-prefixed, "
         "also kept in ranks.log) as it comes; default: the spec's log_output (off)",
@@ -668,5 +682,6 @@ def run(args) -> int:
         html=config.html,
         log=functools.partial(print, flush=True),  # in order with the streamed output
         log_output=config.log_output,
+        executor=config.executor,
     )
     return 0 if result.ok else 1

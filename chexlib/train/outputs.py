@@ -10,6 +10,7 @@ gets the same record) and adds the run's AUROC, history and environment.
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from pathlib import Path
 
@@ -113,7 +114,6 @@ def run_metrics(
     started: float,
 ) -> RunRecord:
     """The run's record (``metrics.json``); every rank calls it and gets the same record.
-
     ``throughput`` is this rank's :class:`chexlib.train.callbacks.ThroughputCallback`,
     ``resumed`` the run's :class:`chexlib.train.checkpoints.Resumed` (its history now
     complete), ``learning_rate`` the one scaled by ranks, ``split_sizes`` and ``test``
@@ -156,6 +156,7 @@ def run_metrics(
         wall_seconds=seconds,
         pin_cores=c.pin_cores,
         cores_per_rank=cores,
+        hosts_per_rank=hvd_tf.allgather_object(socket.gethostname()),  # Horovod: each rank's host
         mixed_precision=precision != "float32",
         precision=precision,
         xla=c.xla,
