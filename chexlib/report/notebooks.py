@@ -32,6 +32,7 @@ MAX_BYTES = 5_000_000
 MAX_TEXT_CHARS = 4_000  # per text output; head and tail kept
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 NAV_TAG = "chexlib-walkthrough-nav"
+# in each folder publish writes (docs/results, docs/walkthrough): the files it wrote there
 PUBLISHED = ".published.json"
 _LINK = re.compile(r"\]\((\d\d\w*)\.ipynb(#[^)]*)?\)")  # ](04b_interactive_horovod.ipynb#part)
 
@@ -150,19 +151,27 @@ def point_links(nb: dict, published: set[str], sources: Path, relative: str) -> 
     return nb
 
 
-def _published(folder: Path) -> list[str]:
-    """Names an earlier publish wrote here: plain ``*.ipynb`` names only, so a damaged
-    list never makes publish delete anything else."""
+def published_files(folder: Path, what: str = "file") -> list[str]:
+    """Names of the files an earlier publish wrote into ``folder`` (from :data:`PUBLISHED`).
+
+    Only plain file names are trusted (no folders, no ``..``, no hidden files), so a
+    damaged or edited list can never make publish delete anything outside ``folder``.
+    An unreadable list is reported and treated as empty: no earlier ``what`` is deleted.
+    """
     listing = folder / PUBLISHED
     if not listing.is_file():
         return []
     try:
         files = read_json(listing, expect=dict).get("files", [])
     except RecordError as err:
-        warnings.warn(f"{err}; no earlier notebook is deleted", RecordWarning, stacklevel=2)
+        warnings.warn(f"{err}; no earlier {what} is deleted", RecordWarning, stacklevel=3)
         return []
     files = files if isinstance(files, list) else []
-    return [f for f in files if isinstance(f, str) and f == Path(f).name and f.endswith(".ipynb")]
+    return [
+        f
+        for f in files
+        if isinstance(f, str) and f == Path(f).name and not f.startswith(".") and f != PUBLISHED
+    ]
 
 
 def _encoded(nb: dict, name: str) -> str:
@@ -210,7 +219,7 @@ def publish_notebooks(
         nb = add_navigation(trim(nb), before, after, source.as_posix())
         texts[f"{name}.ipynb"] = _encoded(nb, f"{found[name]}")
     folder.mkdir(parents=True, exist_ok=True)
-    earlier = _published(folder)
+    earlier = [f for f in published_files(folder, "notebook") if f.endswith(".ipynb")]
     # Listed before writing, so the files of an interrupted publish are known as ours.
     write_json(folder / PUBLISHED, {"files": sorted({*earlier, *texts})})
     written = [write_text_atomic(folder / name, text) for name, text in texts.items()]

@@ -33,15 +33,13 @@ from chexlib.core.files import (
 from chexlib.core.flags import add_flags, config_from_args, option
 from chexlib.core.runs import RecordWarning
 from chexlib.report.figures import SUMMARY_FIGURES
-from chexlib.report.notebooks import publish_notebooks
+from chexlib.report.notebooks import PUBLISHED, publish_notebooks, published_files
 from chexlib.report.summary import throughput_rows
 from chexlib.report.summary_plots import config_label
 from chexlib.report.verdicts import conclusions
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
-# the list, in the docs folder, of the files the last publish wrote there
-PUBLISHED = ".published.json"
 
 
 class PublishError(RuntimeError):
@@ -200,7 +198,7 @@ def publish(
     docs_dir.mkdir(parents=True, exist_ok=True)
     study, shown_as = _study_folders(summary_dir, readme.parent)
     notebooks = publish_notebooks(study, walkthrough, shown_as, readme.parent / "notebooks")
-    earlier = published_files(docs_dir)
+    earlier = published_files(docs_dir, "figure")
     # Listed before copying, so files of an interrupted publish are known as ours.
     write_json(docs_dir / PUBLISHED, {"files": sorted({*earlier, *names})})
     written = [
@@ -224,30 +222,6 @@ def _study_folders(summary_dir: Path, readme_dir: Path) -> tuple[Path, Path]:
         return study, study.resolve().relative_to(Path(readme_dir).resolve())
     except ValueError:
         return study, study
-
-
-def published_files(docs_dir: Path) -> list[str]:
-    """Names of the files an earlier publish wrote into ``docs_dir`` (from :data:`PUBLISHED`).
-
-    Only plain file names are trusted (no folders, no ``..``), so a damaged or
-    edited list can never make publish delete anything outside ``docs_dir``.
-    An unreadable list is reported and treated as empty: nothing is deleted.
-    """
-    listing = docs_dir / PUBLISHED
-    if not listing.is_file():
-        return []
-    try:
-        files = read_json(listing, expect=dict).get("files", [])
-    except RecordError as err:
-        warnings.warn(f"{err}; no earlier figure is deleted", RecordWarning, stacklevel=2)
-        return []
-    if not isinstance(files, list):
-        return []
-    return [
-        f
-        for f in files
-        if isinstance(f, str) and f == Path(f).name and not f.startswith(".") and f != PUBLISHED
-    ]
 
 
 @dataclass(frozen=True)
