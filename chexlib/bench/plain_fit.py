@@ -42,9 +42,9 @@ def plain_fit(
 
     # here: it loads TensorFlow; importing this module does not
     from chexlib.train.models import build_model
+    from chexlib.train.process import KERAS_POLICIES  # the policy chexlib train sets
 
-    policies = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-    tf.keras.mixed_precision.set_global_policy(policies[precision])
+    tf.keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
     tf.keras.utils.set_random_seed(seed)
     net = build_model(model, image_size)
     net.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="binary_crossentropy")

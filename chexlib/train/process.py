@@ -88,7 +88,7 @@ def pin_gpu(local_rank: int) -> None:
             pass
 
 
-_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -104,7 +104,7 @@ def precision_now() -> str:
     import tensorflow as tf
 
     name = tf.keras.mixed_precision.global_policy().name
-    return {policy: precision for precision, policy in _POLICIES.items()}.get(name, name)
+    return {policy: precision for precision, policy in KERAS_POLICIES.items()}.get(name, name)
 
 
 @contextlib.contextmanager
@@ -116,7 +116,7 @@ def compute_policy(precision: str, xla: bool):
 
     precision, why = resolve_precision(precision)
     if precision != "float32":
-        tf.keras.mixed_precision.set_global_policy(_POLICIES[precision])
+        tf.keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
     if hvd.rank() == 0:  # Horovod: only rank 0 logs
         print(f"chexlib train: {precision} compute ({why})", file=sys.stderr, flush=True)
     if xla:
