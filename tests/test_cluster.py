@@ -9,6 +9,7 @@ the middle of one, and nothing left behind by ``down``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -135,10 +136,37 @@ def test_a_cut_link_ends_the_job_naming_the_run_and_the_node(cluster, tmp_path):
     assert "node1" not in first.split("lost node(s)")[1]
 
 
+def test_a_killed_slurmd_is_named_and_up_restarts_it(cluster, capsys):
+    """A node's slurmd dies (SIGKILL): status names it and fails; up restarts it (and only
+    it), Slurm has the node back and a 2-node job runs again."""
+    state = ClusterState.load()
+    slurmd = [d for d in state.items("daemon") if d["name"] == "slurmd-node2"][-1]
+    os.kill(slurmd["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while start_time(slurmd["pid"]) == slurmd["started"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    capsys.readouterr()
+    assert cli.status() == 1
+    assert "problem: slurmd-node2 is not running" in capsys.readouterr().out
+    assert cli.up(2, 1) == 0
+    out = capsys.readouterr().out
+    assert "node2: restarted its dead daemons" in out and "node1: restarted" not in out
+    after = ClusterState.load().items("daemon")
+    assert [d["name"] for d in after[len(state.items("daemon")) :]] == ["slurmd-node2"]
+    done = sh("srun", "-N2", "hostname", timeout=60)
+    assert done.returncode == 0 and sorted(done.stdout.split()) == list(NODES), done.stderr
+
+
+def test_crash_refuses_a_node_it_does_not_have(cluster):
+    with pytest.raises(commands.ClusterError, match=r"no node 'node9'.*node1, node2"):
+        cli.crash("node9")
+
+
 def test_down_is_fast_idempotent_and_leaves_nothing(cluster, capsys):
     state = ClusterState.load()
     daemons = state.items("daemon")
-    assert len(daemons) == 2 + 2 * len(NODES)  # munged, slurmctld; sshd and slurmd per node
+    # munged, slurmctld; sshd and slurmd per node (a restarted one is recorded again)
+    assert len({d["name"] for d in daemons}) == 2 + 2 * len(NODES)
     started = time.monotonic()
     assert cli.down() == 0
     assert time.monotonic() - started < 10

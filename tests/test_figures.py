@@ -14,12 +14,14 @@ import pytest
 from matplotlib.colors import to_hex, to_rgba_array
 from matplotlib.container import BarContainer
 from PIL import Image
+from test_cluster_scaling import _rows as cluster_rows
 from test_summary import record
 
 from chexlib.data.metadata import LABELS, prevalence_table
 from chexlib.report import (
     allreduce_model,
     bench_plots,
+    cluster_scaling,
     dataset_plots,
     feeding,
     gradcam_plots,
@@ -109,6 +111,9 @@ def study_tables() -> dict:
         "input_costs": costs,
         "feeding": feeding.projection(costs),
         "scaling_projection": allreduce_model.projection(),
+        "cluster_scaling": cluster_scaling.scaling_table(
+            cluster_rows(None) + cluster_rows("1gbit") + cluster_rows("10gbit")
+        ),
     }
 
 

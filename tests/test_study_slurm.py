@@ -406,9 +406,13 @@ def _study(spec: Path, outputs: Path, *extra: str, **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_study_on_slurm_records_jobs_survives_scancel_and_resumes(cluster, small_data, tmp_path):
-    """One run is cancelled mid-training with scancel: failed, naming its log; the
-    next run (2 nodes) completes with its job id and nodes; the rerun resumes."""
+def test_study_on_slurm_survives_scancel_and_a_lost_node_and_resumes(cluster, small_data, tmp_path):
+    """Two faults in one study on the real cluster. Run 1 (one node) is cancelled with
+    scancel mid-training; run 2 (two nodes) loses node2 mid-training (`chexlib cluster
+    crash`: its slurmd, sshd and rank killed); each fails naming its Slurm state and log,
+    the lost one naming the node. The study goes on: run 3 completes on the node left.
+    `chexlib cluster up` brings node2 back and the rerun resumes both killed runs, the
+    second across both nodes again, with its job id and nodes in run.json."""
     train = {"DATA_DIR": str(small_data), "MODEL": "tiny", "IMAGE_SIZE": 32, "BATCH_SIZE": 4}
     train.update(WARMUP_EPOCHS=0, TIMING_WARMUP_STEPS=1, TIMING_WINDOW_STEPS=1, EVALUATE=False)
     train.update(SYNTHETIC_STEPS=0, STEPS_PER_EPOCH=6, HOSTS="{hosts}")
@@ -424,7 +428,8 @@ def test_study_on_slurm_records_jobs_survives_scancel_and_resumes(cluster, small
                 "slurm": {"nodes": "{RANKS}"},
                 "cases": [
                     {"RANKS": 1, "EPOCHS": 40, "_label": "cancelled"},
-                    {"RANKS": 2, "EPOCHS": 1, "_label": "two-nodes"},
+                    {"RANKS": 2, "EPOCHS": 12, "_label": "node-lost"},
+                    {"RANKS": 1, "EPOCHS": 1, "_label": "goes-on"},
                 ],
             }
         ],
@@ -432,35 +437,50 @@ def test_study_on_slurm_records_jobs_survives_scancel_and_resumes(cluster, small
     path = tmp_path / "slurmy.yaml"
     path.write_text(yaml.safe_dump(spec))
     outputs = tmp_path / "out"
-    first, second = expand(load_spec(path), outputs, hosts=ALLOCATION_HOSTS)
+    cancelled, lost, goes_on = expand(load_spec(path), outputs, hosts=ALLOCATION_HOSTS)
+    lost_node = cluster[1]
     proc = _study(path, outputs)
     try:
-        job_id = _scancel_after_first_checkpoint(first.run_dir, deadline=240)
+        job_id = _after_first_checkpoint(cancelled.run_dir, deadline=240)
+        subprocess.run([shutil.which("scancel"), job_id], timeout=60, check=True)
+        lost_job = _after_first_checkpoint(lost.run_dir, deadline=240)
+        crashed = subprocess.run(
+            [CHEXLIB, "cluster", "crash", lost_node], capture_output=True, text=True, timeout=60
+        )
+        assert crashed.returncode == 0, crashed.stdout + crashed.stderr
         output, _ = proc.communicate(timeout=400)
     finally:
         proc.kill()
+        up = subprocess.run([CHEXLIB, "cluster", "up"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, output
-    log_path = first.run_dir / f"slurm-{job_id}.log"
+    assert "2 failed" in output and f"failed: train/{cancelled.run_id}" in output, output
+    log_path = cancelled.run_dir / f"slurm-{job_id}.log"
     assert f"Slurm job {job_id} CANCELLED on node" in output and f"log: {log_path}" in output
-    assert log_path.is_file() and f"failed: train/{first.run_id}" in output
-    record = read_json(second.run_dir / "run.json")
-    assert record["status"] == "complete", output
-    assert record["slurm"]["job_id"].isdigit() and record["slurm"]["job_id"] != job_id
-    assert sorted(record["slurm"]["nodes"]) == sorted(cluster[:2])
-    assert record["slurm"]["hosts"] == ",".join(f"{n}:1" for n in record["slurm"]["nodes"])
-    assert (second.run_dir / f"slurm-{record['slurm']['job_id']}.log").is_file()
-    assert read_json(second.run_dir / "metrics.json")["ranks"] == 2
+    assert log_path.is_file()
+    assert f"Slurm job {lost_job} FAILED on {','.join(cluster[:2])}" in output, output
+    assert f"lost node(s) {lost_node}" in output, output
+    assert f"log: {lost.run_dir / f'slurm-{lost_job}.log'}" in output
+    assert read_json(goes_on.run_dir / "run.json")["status"] == "complete", output
+    assert f"restarted its dead daemons" in up.stdout and up.returncode == 0, up.stdout + up.stderr
 
     rerun = _study(path, outputs)
     output, _ = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, output
-    assert "1 ran, 1 skipped, 0 failed" in output
-    metrics = read_json(first.run_dir / "metrics.json")
-    assert metrics["resumed_from_epoch"] >= 1, metrics.get("resumed_from_epoch")
+    assert "2 ran, 1 skipped, 0 failed" in output
+    for run in (cancelled, lost):
+        metrics = read_json(run.run_dir / "metrics.json")
+        assert metrics["resumed_from_epoch"] >= 1, (run.run_id, metrics.get("resumed_from_epoch"))
+    record = read_json(lost.run_dir / "run.json")
+    assert record["status"] == "complete", output
+    assert record["slurm"]["job_id"].isdigit() and record["slurm"]["job_id"] != lost_job
+    assert sorted(record["slurm"]["nodes"]) == sorted(cluster[:2])
+    assert record["slurm"]["hosts"] == ",".join(f"{n}:1" for n in record["slurm"]["nodes"])
+    assert (lost.run_dir / f"slurm-{record['slurm']['job_id']}.log").is_file()
+    assert read_json(lost.run_dir / "metrics.json")["ranks"] == 2
 
 
-def _scancel_after_first_checkpoint(run_dir: Path, deadline: float) -> str:
-    """Wait for the run's job and its first checkpoint, then ``scancel`` it; the job id."""
+def _after_first_checkpoint(run_dir: Path, deadline: float) -> str:
+    """Wait for the run's job and its first checkpoint; the job id."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         marker = run_dir / "run.json"
@@ -468,7 +488,6 @@ def _scancel_after_first_checkpoint(run_dir: Path, deadline: float) -> str:
         if marker.is_file():
             job_id = (json.loads(marker.read_text() or "{}").get("slurm") or {}).get("job_id")
         if job_id and (run_dir / "run" / "checkpoints" / "latest.json").is_file():
-            subprocess.run([shutil.which("scancel"), job_id], timeout=60, check=True)
             return job_id
         time.sleep(0.5)
     pytest.fail(f"no checkpoint in {run_dir}/run within {deadline} s")

@@ -159,8 +159,8 @@ def test_verdicts_have_every_claim_and_follow_the_thresholds(tmp_path):
     result = verdicts.verdicts(_study_tables())
     by_id = {c["id"]: c for c in result["claims"]}
     assert list(by_id) == ["pipeline", "records", "png-records", "scaling", "ceiling",
-                           "learning", "localization", "feeding",
-                           "scaling-projection"]  # fmt: skip
+                           "learning", "localization", "feeding", "cross-node",
+                           "allreduce-model", "scaling-projection"]  # fmt: skip
     assert by_id["pipeline"]["measured"] == pytest.approx(2.1)
     assert by_id["pipeline"]["verdict"] == "supported" and by_id["pipeline"]["runs"] == ["so", "sn"]
     assert by_id["records"]["verdict"] == "not testable here"  # no compact-records run

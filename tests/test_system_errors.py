@@ -373,3 +373,15 @@ def test_a_value_error_from_a_library_keeps_its_traceback_but_chexlibs_own_does_
     with pytest.raises(ValueError) as ours:
         without_steps("no-such-step")
     assert cli_main.is_user_error(ours.value)  # chexlib's, about a value it was given
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
+    """`chexlib ... | head`: the reader closes the pipe before the command writes; the
+    command ends with 141 (128 + SIGPIPE, as a shell reports it) and no error line."""
+    spec = Path(__file__).resolve().parents[1] / "papermill_runs" / "smoke.yaml"
+    argv = [str(CHEXLIB), "study", str(spec), "--dry-run", "--outputs", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first line is written: that write finds no reader
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Broken pipe" not in stderr and "Traceback" not in stderr, stderr

@@ -59,4 +59,9 @@ echo "$BUILD" | grep -q '\[X\] Gloo' || die "horovodrun --check-build does not l
 
 # A Jupyter kernel named chexlib, so JupyterLab and papermill use this env.
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name chexlib --display-name "Python (chexlib)" >/dev/null
+# mkdocs-jupyter (the book) brings jupytext, whose JupyterLab extension opens every .py
+# and .md file as a notebook; this project's notebooks are .ipynb, so it is turned off.
+if ! "$VENV/bin/jupyter" labextension disable --level=sys_prefix jupyterlab-jupytext >/dev/null 2>&1; then
+  echo "setup_env: note: could not disable jupytext's JupyterLab extension (.py files may open as notebooks)"
+fi
 echo "setup_env: ready ($VENV): TensorFlow $TF_VERSION, Horovod $HOROVOD_VERSION (TensorFlow + Gloo)"

@@ -16,8 +16,10 @@ here: no command prints its own errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import os
 import sys
 from concurrent.futures import BrokenExecutor
 from pathlib import Path
@@ -77,6 +79,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 EXIT_ERROR = 2  # as argparse exits on a bad command line
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
 # What a user can do about the commonest system errors.
 _HINTS = {
     errno.ENOSPC: "free some space and rerun",
@@ -143,6 +146,15 @@ def describe(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `chexlib ... | head`: the reader left; end quietly, as cat does
+        with contextlib.suppress(OSError):  # Python's flush at exit would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     only = next((a for a in argv if not a.startswith("-")), None)
     only = only if only in COMMANDS else None
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"chexlib {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # not the command's error: main ends quietly
     except Exception as err:
         if type(err).__name__ in _PEER_FAILURES or _PEER_SHUTDOWN in str(err):
             status, meaning = _PEER_FAILURES["HorovodInternalError"]

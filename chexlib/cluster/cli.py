@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--link-rate", required=True, help="tc units (10gbit, 1gbit, 100mbit) or 'none' (unshaped)"
     )
     sub.add_parser("status", help="what runs, per node, and whether Slurm sees it")
+    crash_ = sub.add_parser(
+        "crash", help="lose a node mid-run: SIGKILL everything on it (slurmd, sshd, ranks)"
+    )
+    crash_.add_argument("node", help="the node to lose, e.g. node2; chexlib cluster up restarts it")
     sub.add_parser("down", help="remove everything up created (nothing else)")
 
 
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return up(args.nodes, args.cores_per_node, args.link_rate)
     if args.action == "shape":
         return shape(args.link_rate)
+    if args.action == "crash":
+        return crash(args.node)
     return down() if args.action == "down" else status()
 
 
@@ -67,6 +73,7 @@ def up(count: int = 2, cores_per_node: int = 1, link_rate: str | None = None) ->
                 f"a cluster is up with {state.config}, not {wanted}: chexlib cluster down first"
             )
         print("chexlib cluster: already up; checking it")
+        repair(state)
         return status()
     planned = nodes.plan_nodes(count, cores_per_node)
     nodes.check_free(planned)
@@ -133,6 +140,65 @@ def shape(link_rate: str | None) -> int:
     return 0
 
 
+def crash(name: str) -> int:
+    """Lose ``name`` as a node is lost mid-run: SIGKILL every process in it (its slurmd,
+    sshd, job steps and ranks), no warning. Its namespace and address stay, as a crashed
+    machine's cable does; ``chexlib cluster up`` restarts its daemons (a reboot)."""
+    state = ClusterState.load()
+    if state is None:
+        raise ClusterError(f"no cluster is up ({EMULATION}): nothing to crash")
+    known = [d["name"] for d in state.data.get("nodes", [])]
+    if name not in known:
+        raise ClusterError(f"no node {name!r} in this cluster (nodes: {', '.join(known)})")
+    pids = nodes.processes_in(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    print(
+        f"chexlib cluster: {name} crashed: killed {len(pids)} process(es) on it (slurmd, sshd, "
+        "every job step and rank); chexlib cluster up brings its daemons back"
+    )
+    return 0
+
+
+def repair(state: ClusterState) -> None:
+    """Restart the daemons a crashed node or a killed daemon left dead, as an admin would
+    after a reboot: slurmctld on the host, sshd and slurmd on each node. Slurm takes a
+    node it had marked DOWN back when its slurmd registers (``ReturnToService=2``)."""
+    planned = [Node.from_dict(d) for d in state.data.get("nodes", [])]
+    gone = [n.name for n in planned if not os.path.exists(n.netns)]
+    if gone:
+        raise ClusterError(
+            f"namespace(s) {', '.join(gone)} gone: chexlib cluster down, then up"
+        )
+    alive = state.daemons_alive()
+    if not alive.get("munged", True):
+        raise ClusterError("munged is not running: chexlib cluster down, then up")
+    if not alive.get("slurmctld", True):
+        print("chexlib cluster: restarting slurmctld")
+        daemons.start_slurm(state, [])
+    restarted = []
+    for node in planned:
+        if not alive.get(f"sshd-{node.name}", True):
+            daemons.start_sshd(state, node)
+            restarted.append(node)
+        if not alive.get(f"slurmd-{node.name}", True):
+            daemons.start_slurmd(state, node)
+            restarted.append(node)
+    for node in dict.fromkeys(restarted):  # each node once, in order
+        print(f"chexlib cluster: {node.name}: restarted its dead daemons; waiting for Slurm")
+        log = state.dir / "log" / f"sshd-{node.name}.out"
+        daemons.wait_for(
+            f"sshd on {node.name}", lambda n=node: daemons.port_open(n.address, 22), 15, log
+        )
+        daemons.wait_for(
+            f"{node.name} back in sinfo",
+            lambda n=node: daemons.node_states().get(n.name, "").rstrip("*~#") in READY_STATES,
+            60,
+            state.dir / "log" / "slurmctld.log",
+        )
+
+
 def problems(state: ClusterState) -> list[str]:
     """What is wrong with the recorded cluster: daemons gone, nodes Slurm does not see."""
     found = [f"{name} is not running" for name, ok in state.daemons_alive().items() if not ok]
@@ -167,7 +233,7 @@ def status() -> int:
         )
     wrong = problems(state)
     for line in wrong:
-        print(f"  problem: {line} (chexlib cluster down, then up)")
+        print(f"  problem: {line} (chexlib cluster up restarts dead daemons)")
     if not wrong:
         hosts = ",".join(f"{n.name}:{len(n.cores)}" for n in planned)
         print(f"  try: ssh node1 hostname; srun -N{len(planned)} hostname; HOSTS={hosts}")

@@ -163,7 +163,11 @@ def start_slurm(state: ClusterState, nodes: list[Node]) -> None:
     ctl_log = state.dir / "log" / "slurmctld.log"
     wait_for("slurmctld", lambda: _ok(["scontrol", "ping"], "UP"), 20, ctl_log)
     for node in nodes:
-        start(state, f"slurmd-{node.name}", [which("slurmd"), "-D", "-N", node.name], node)
+        start_slurmd(state, node)
+
+
+def start_slurmd(state: ClusterState, node: Node) -> None:
+    start(state, f"slurmd-{node.name}", [which("slurmd"), "-D", "-N", node.name], node)
 
 
 def _ok(args: list[str], expect: str) -> bool:

@@ -185,7 +185,7 @@ def run_function(
             message = timeout_message("horovod.run", timeout, np, watchdog.report)
             raise LaunchError(message) from error
         if error is not None:
-            raise LaunchError(_failure_message(error, status)) from error
+            raise LaunchError(_failure_message(error, status, hosts)) from error
     finally:
         shutil.rmtree(status, ignore_errors=True)
     return results
@@ -201,8 +201,9 @@ def _stop_stuck_ranks(status_dir: Path) -> dict[int, str]:
     return {rank: f"pid {pids[rank]}, {stacks.get(rank, 'no stack')}" for rank in sorted(procs)}
 
 
-def _failure_message(error: Exception, status_dir: Path) -> str:
-    """Which rank failed first and how, from Horovod's message and the ranks' error notes."""
+def _failure_message(error: Exception, status_dir: Path, hosts: str | None = None) -> str:
+    """Which rank failed first and how, from Horovod's message and the ranks' error notes;
+    the hosts that no longer answer on ssh (a node lost, a link cut) when there are others."""
     text = str(error)
     first = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", text)
     parts = [f"rank {first.group(1)} exited first, with status {first.group(2)}"] if first else []
@@ -211,7 +212,7 @@ def _failure_message(error: Exception, status_dir: Path) -> str:
             parts.append(f"rank {note.stem.removeprefix('rank')} raised {note.read_text()[:500]}")
     summary = "; ".join(parts) or f"{type(error).__name__}"
     return (
-        f"horovod.run failed: {summary}. The other ranks were stopped.\n"
+        f"horovod.run failed{lost_nodes_note(hosts)}: {summary}. The other ranks were stopped.\n"
         f"Horovod: {text.strip()[-1500:]}"
     )
 
@@ -413,17 +414,25 @@ def failure_summary(out: str, status: int, hosts: str | None, lines: list[str]) 
     error line of the output."""
     text = f"training run {out} failed: horovodrun exit status {status}"
     if hosts:
-        lost = unreachable_hosts(hosts)
-        text += f" on hosts {hosts}"
-        if lost:
-            text += f"; lost node(s) {', '.join(lost)}: not answering on ssh port 22 now"
-            text += " (node down or its network link cut?)"
+        text += f" on hosts {hosts}{lost_nodes_note(hosts)}"
     cause = next((ln for ln in lines if _LOST_PEER.search(ln)), None)
     if cause is not None:
         rank = re.match(r"\[(\d+)\]", cause)  # horovodrun's prefix of a rank's line
         who = f"rank {rank.group(1)}: " if rank else ""
         text += f"; {who}{cause[_LOST_PEER.search(cause).start() :].strip()[:200]}"
     return text
+
+
+def lost_nodes_note(hosts: str | None) -> str:
+    """``"; lost node(s) node2: ..."`` when hosts of ``hosts`` other than this one do not
+    answer on their ssh port now; ``""`` when all answer (or there are none)."""
+    lost = unreachable_hosts(hosts) if hosts else []
+    if not lost:
+        return ""
+    return (
+        f"; lost node(s) {', '.join(lost)}: not answering on ssh port 22 now "
+        "(node down or its network link cut?)"
+    )
 
 
 def unreachable_hosts(hosts: str, port: int = 22, timeout: float = 3.0) -> list[str]:

@@ -67,7 +67,7 @@ def _panel(ax, rows: pd.DataFrame) -> None:
     ax.set_ylim(0, top)
     ax.set_xlim(0, max(1.0, float(rows["gbit_per_s"].max(skipna=True) or 1.0)) * 1.1)
     ax.set_xlabel("link rate of each node (Gbit/s, tc tbf)")
-    ax.set_ylabel("weak-scaling efficiency (images/s per rank, ratio)")
+    ax.set_ylabel("efficiency (images/s per rank)")
 
 
 def plot_cluster_scaling(table: pd.DataFrame, hardware: str = ""):

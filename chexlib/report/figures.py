@@ -15,6 +15,7 @@ from pathlib import Path
 from chexlib.report import (
     allreduce_plots,
     bench_plots,
+    cluster_scaling_plots,
     feeding,
     gradcam_plots,
     summary,
@@ -71,6 +72,13 @@ SUMMARY_FIGURES: tuple[SummaryFigure, ...] = (
         "Scaling with Horovod ranks, each rank on its own cores (the poster's, theirs, marked)",
         "train",
         lambda t: summary_plots.plot_scaling(t["train"], t["hardware"]),
+    ),
+    SummaryFigure(
+        "cluster_scaling.png",
+        "Weak scaling across 2 nodes (LOCAL EMULATION): Horovod against two independent jobs "
+        "and one node alone, per link rate",
+        "cluster_scaling",
+        lambda t: cluster_scaling_plots.plot_cluster_scaling(t["cluster_scaling"], t["hardware"]),
     ),
     SummaryFigure(
         "real_vs_synthetic.png",

@@ -291,7 +291,7 @@ def hardware_caption(records: list[dict]) -> str:
         return f"GPUs: {', '.join(gpus)}"
     cores = max((e.get("cpu_count") or 0 for e in envs), default=0)
     cpus = sorted({e["cpu"] for e in envs if e.get("cpu")})
-    what = f"{cores} CPU cores" if cores else "CPU"
+    what = f"{cores} CPU core{'s' if cores != 1 else ''}" if cores else "CPU"
     return f"{what}, no GPU" + (f" ({cpus[0]})" if cpus else "")
 
 
@@ -424,6 +424,18 @@ def allreduce_checks(records: list[dict]) -> list[dict]:
     ]
 
 
+def cluster_scaling_table(records: list[dict]) -> pd.DataFrame:
+    """Notebook 04c's rows (``cluster_scaling`` in its ``metrics.json``: weak scaling across
+    nodes against one node alone and two independent jobs, per model and link rate) of the
+    study's last such run, with its run id; empty when no run measured it."""
+    runs = [rec for rec in records if rec["metrics"].get("cluster_scaling")]
+    if not runs:
+        return pd.DataFrame()
+    last = runs[-1]
+    rows = [r for r in last["metrics"]["cluster_scaling"] if isinstance(r, dict)]
+    return pd.DataFrame([{**row, "run_id": last["run_id"]} for row in rows])
+
+
 def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
     """Every table the summary needs, from the run records under ``study_dir``
     (None or "": none) and the runs made by hand in ``run_dirs``.
@@ -463,6 +475,7 @@ def load_study(study_dir: str | Path | None, run_dirs=()) -> dict:
         "scaling_projection": allreduce_model.projection(),
         # the ring model checked against measured 2-node overheads (notebook 04c's runs)
         "allreduce_checks": allreduce_checks(records),
+        "cluster_scaling": cluster_scaling_table(records),
         "localization": [
             {**rec["metrics"], "run_id": rec["run_id"]}
             for rec in records

@@ -70,6 +70,9 @@ _SMALLER_GAIN = min(POSTER_RECORDS_GAIN.values())
 _GAINS = " and ".join(f"+{v} % ({k})" for k, v in POSTER_RECORDS_GAIN.items())
 _POSTER_2GPU = POSTER_THROUGHPUT[2] / (2 * POSTER_THROUGHPUT[1])
 _POSTER_AT = max(POSTER_EFFICIENCY)  # the largest GPU count whose efficiency the poster states
+CROSS_NODE_TARGET = 0.90  # DenseNet121 across 2 nodes / two independent jobs (issue 23)
+_CHECK_GBIT = 1.0  # the link rate at which the allreduce model is held to TOLERANCE
+_CROSS_MODEL = "densenet121"
 
 CLAIMS = [
     Claim("pipeline", "In end-to-end training that is input-bound (the fast-accelerator "
@@ -104,6 +107,15 @@ CLAIMS = [
           "cores per GPU", BIG_NODE["cores"] / BIG_NODE["gpus"], OURS,
           f"the cores per GPU of {BIG_NODE['name']}, a current GPU node",
           at_most=True, reads="profiling"),
+    Claim("cross-node", "Across 2 nodes (LOCAL EMULATION, one core each), does DenseNet121 "
+          "under Horovod keep its speed against two independent one-rank jobs running at the "
+          "same time (unshaped link: what Horovod itself costs)?", "x independent jobs",
+          CROSS_NODE_TARGET, OURS, "the target of issue 23: Horovod's allreduce and per-step "
+          "work cost at most a tenth of a DenseNet121 step", reads=None),
+    Claim("allreduce-model", "Does the ring-allreduce model predict DenseNet121's measured "
+          f"2-node allreduce overhead at {_CHECK_GBIT:g} Gbit/s (|predicted - measured| / "
+          "measured)?", "relative error", TOLERANCE, OURS, "the target of issue 23: close "
+          "enough to project the poster's scaling from", at_most=True, reads=None),
     Claim("scaling-projection", "PROJECTION: does the network explain the poster's "
           f"{POSTER_EFFICIENCY[_POSTER_AT]:.1%} scaling efficiency at {_POSTER_AT} GPUs (a ring "
           f"allreduce of DenseNet121's float32 gradients over {POSTER_LINK['name']}, "
@@ -324,13 +336,76 @@ def _scaling_projection(tables):
     return Measured(float(at["efficiency"]), [], note + "; projection", noise)
 
 
+def _cluster_rows(tables) -> tuple[pd.DataFrame, float | None, str]:
+    """Notebook 04c's DenseNet121 rows, the relative run-to-run noise of one run and what
+    it was taken from: the ``alone`` runs repeat one configuration (one rank, no network)
+    at every link rate, so their spread is this machine's noise between runs."""
+    table = tables.get("cluster_scaling")
+    if table is None or table.empty:
+        return pd.DataFrame(), None, ""
+    rows = table[table["model"] == _CROSS_MODEL]
+    alone = rows.loc[rows["configuration"] == "alone", "images_per_sec_per_rank"].dropna()
+    if len(alone) < 2:
+        return rows, None, ""
+    rel = float(alone.std() / alone.mean())
+    return rows, rel, f"run-to-run noise +-{rel:.0%} per run (the {len(alone)} alone runs)"
+
+
+def _cross_node(tables):
+    rows, rel, noise_from = _cluster_rows(tables)
+    if rows.empty:
+        return Measured(None, [], "no cross-node scaling (notebook 04c) of DenseNet121 in this study")
+    at = {r["configuration"]: r for _, r in rows[rows["link_rate"] == "unshaped"].iterrows()}
+    if not {"horovod", "concurrent"} <= set(at):
+        return Measured(None, [], "no unshaped-link Horovod and independent-jobs runs of "
+                        "DenseNet121 in this study")  # fmt: skip
+    hvd, pair = at["horovod"], at["concurrent"]
+    value = float(hvd["efficiency_vs_concurrent"])
+    # a ratio of two runs, each with the relative noise ``rel``
+    noise = value * rel * math.sqrt(2) if rel is not None else None
+    note = (
+        f"{hvd['images_per_sec_per_rank']:.1f} images/s per rank under Horovod vs "
+        f"{pair['images_per_sec_per_rank']:.1f} for each of two independent jobs, batch "
+        f"{int(hvd['batch_size_per_rank'])} per rank"
+        + (f"; {noise_from}" if noise_from else "; noise not measured (fewer than 2 alone runs)")
+        + "; LOCAL EMULATION: two network namespaces on one machine"
+    )
+    return Measured(value, [str(hvd["run_id"])], note, noise)
+
+
+def _allreduce_model(tables):
+    rows, rel, noise_from = _cluster_rows(tables)
+    checks = [c for c in tables.get("allreduce_checks") or []
+              if c.get("model") == _CROSS_MODEL and c.get("gbit_per_s") == _CHECK_GBIT]  # fmt: skip
+    if not checks:
+        return Measured(None, [], f"no measured 2-node overhead of DenseNet121 at "
+                        f"{_CHECK_GBIT:g} Gbit/s in this study")  # fmt: skip
+    check = checks[-1]
+    predicted, measured = float(check["predicted_ms"]), float(check["measured_ms"])
+    value = abs(predicted - measured) / measured
+    noise = None
+    shaped = rows[(rows["gbit_per_s"] == _CHECK_GBIT) & (rows["configuration"] == "concurrent")]
+    if rel is not None and len(shaped):
+        # measured = Horovod's step - the independent jobs' step, each +-rel of itself
+        step = float(shaped["step_ms"].iloc[-1])
+        noise_ms = rel * math.sqrt(step**2 + (step + measured) ** 2)
+        noise = predicted / measured**2 * noise_ms
+    note = (
+        f"{predicted:.0f} ms predicted vs {measured:.0f} ms measured per step (Horovod's step "
+        "minus the independent jobs' step), Horovod's timeline: "
+        f"{check.get('timeline_allreduce_ms', float('nan')):.0f} ms of allreduce per step"
+        + (f"; {noise_from}" if noise_from else "")
+    )
+    return Measured(value, [str(check.get("run_id", ""))], note, noise)
+
+
 def _checks_note(checks: list[dict]) -> str:
     """What the model's checks against measured 2-host overheads (``allreduce_model.
     check_overhead`` of a study's runs) say; the model is untested without them."""
     if not checks:
         return "; the model is not checked against a measured 2-host overhead in this study"
     parts = [
-        f"{c['predicted_ms']:.0f} vs {c['measured_ms']:.0f} ms measured at "
+        f"{c.get('model', 'a model')}: {c['predicted_ms']:.0f} vs {c['measured_ms']:.0f} ms measured at "
         f"{c['gbit_per_s']:g} Gbit/s ({'within' if c['within'] else 'OUTSIDE'} "
         f"{TOLERANCE:.0%})"
         for c in checks
@@ -347,6 +422,8 @@ _MEASURE = {
     "learning": _learning,
     "localization": _localization,
     "feeding": _feeding,
+    "cross-node": _cross_node,
+    "allreduce-model": _allreduce_model,
     "scaling-projection": _scaling_projection,
 }
 
