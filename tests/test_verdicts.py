@@ -146,21 +146,25 @@ def _scaling_projection(value, tmp_path, monkeypatch):
     return {**_train([]), "scaling_projection": _projection_table(value)}
 
 
-def _cluster_rows(efficiency: float, alone_spread: float | None, step_ms: float = 200.0):
-    """Notebook 04c's DenseNet121 rows: Horovod at ``efficiency`` of the independent jobs
-    (unshaped), and one alone run per link rate, spread +-``alone_spread`` (relative std
-    ``alone_spread``) or a single alone run (no noise)."""
+def _cluster_rows(efficiency: float, alone_spread: float | None, step_ms: float = 200.0,
+                  links=("unshaped", "1gbit")):
+    """Notebook 04c's DenseNet121 rows at ``links``: Horovod at ``efficiency`` of the
+    independent jobs, and alone runs spread with relative std ``alone_spread`` (two of
+    them) or a single alone run (no noise)."""
     rows, rate = [], 8.0 / (step_ms / 1000)
     alone = [rate] if alone_spread is None else [
         rate * (1 + alone_spread / math.sqrt(2)), rate * (1 - alone_spread / math.sqrt(2))]
-    for link, gbit, alone_rate in zip(("unshaped", "1gbit"), (None, 1.0), alone + [None]):
-        common = {"model": "densenet121", "link_rate": link, "gbit_per_s": gbit,
-                  "batch_size_per_rank": 8, "run_id": "cs"}  # fmt: skip
-        if alone_rate is not None:
-            rows.append({**common, "configuration": "alone", "images_per_sec_per_rank": alone_rate})
-        rows.append({**common, "configuration": "concurrent", "images_per_sec_per_rank": rate,
+    gbit = {"unshaped": None, "1gbit": 1.0}
+    common = {"model": "densenet121", "batch_size_per_rank": 8, "run_id": "cs"}
+    for k, alone_rate in enumerate(alone):
+        link = links[k % len(links)]
+        rows.append({**common, "link_rate": link, "gbit_per_s": gbit[link],
+                     "configuration": "alone", "images_per_sec_per_rank": alone_rate})  # fmt: skip
+    for link in links:
+        at = {**common, "link_rate": link, "gbit_per_s": gbit[link]}
+        rows.append({**at, "configuration": "concurrent", "images_per_sec_per_rank": rate,
                      "step_ms": step_ms, "efficiency_vs_concurrent": 1.0})  # fmt: skip
-        rows.append({**common, "configuration": "horovod", "step_ms": step_ms / efficiency,
+        rows.append({**at, "configuration": "horovod", "step_ms": step_ms / efficiency,
                      "images_per_sec_per_rank": rate * efficiency,
                      "efficiency_vs_concurrent": efficiency})  # fmt: skip
     return pd.DataFrame(rows)
@@ -178,10 +182,12 @@ def _cross_node_noisy(value, noise, tmp_path, monkeypatch):
 def _allreduce_model(value, tmp_path, monkeypatch, alone_spread=None, step_ms=200.0):
     measured = 100.0  # ms; predicted over by ``value`` of it
     check = {"model": "densenet121", "gbit_per_s": 1.0, "measured_ms": measured,
-             "predicted_ms": measured * (1 + value), "run_id": "cs", "timeline_allreduce_ms": 90}
+             "predicted_ms": measured * (1 + value), "relative_error": value, "run_id": "cs",
+             "timeline_allreduce_ms": 90}
     other = {**check, "model": "standin", "predicted_ms": 1.0}  # another model's check: ignored
     return {**_train([]), "allreduce_checks": [other, check],
-            "cluster_scaling": _cluster_rows(step_ms / (step_ms + measured), alone_spread, step_ms)}
+            "cluster_scaling": _cluster_rows(step_ms / (step_ms + measured), alone_spread,
+                                             step_ms, links=("1gbit",))}
 
 
 def _allreduce_model_noisy(value, noise, tmp_path, monkeypatch):

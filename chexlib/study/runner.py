@@ -469,9 +469,17 @@ def _kill_kernel(run_dir: Path) -> int:
     return killed
 
 
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return " | ".join(line for line in text if line.strip())[-600:] or type(err).__name__
+def _short(err: Exception, keep: int = 600) -> str:
+    """``err`` on one line; a long one keeps its start (what failed) and its end (why).
+    A notebook's failure is its exception (papermill's ``ename: evalue``), not the
+    traceback around it (the executed notebook keeps that)."""
+    name, value = getattr(err, "ename", None), getattr(err, "evalue", None)
+    lines = (f"{name}: {value}" if name and value else str(err)).strip().splitlines()
+    text = " | ".join(line for line in lines if line.strip()) or type(err).__name__
+    if len(text) <= keep:
+        return text
+    head = keep // 3
+    return f"{text[:head]} ... {text[-(keep - head):]}"
 
 
 def run_study(
