@@ -461,7 +461,7 @@ def test_study_on_slurm_survives_scancel_and_a_lost_node_and_resumes(cluster, sm
     assert f"lost node(s) {lost_node}" in output, output
     assert f"log: {lost.run_dir / f'slurm-{lost_job}.log'}" in output
     assert read_json(goes_on.run_dir / "run.json")["status"] == "complete", output
-    assert f"restarted its dead daemons" in up.stdout and up.returncode == 0, up.stdout + up.stderr
+    assert "restarted its dead daemons" in up.stdout and up.returncode == 0, up.stdout + up.stderr
 
     rerun = _study(path, outputs)
     output, _ = rerun.communicate(timeout=400)

@@ -146,14 +146,21 @@ def _scaling_projection(value, tmp_path, monkeypatch):
     return {**_train([]), "scaling_projection": _projection_table(value)}
 
 
-def _cluster_rows(efficiency: float, alone_spread: float | None, step_ms: float = 200.0,
-                  links=("unshaped", "1gbit")):
+def _cluster_rows(
+    efficiency: float,
+    alone_spread: float | None,
+    step_ms: float = 200.0,
+    links=("unshaped", "1gbit"),
+):
     """Notebook 04c's DenseNet121 rows at ``links``: Horovod at ``efficiency`` of the
     independent jobs, and alone runs spread with relative std ``alone_spread`` (two of
     them) or a single alone run (no noise)."""
     rows, rate = [], 8.0 / (step_ms / 1000)
-    alone = [rate] if alone_spread is None else [
-        rate * (1 + alone_spread / math.sqrt(2)), rate * (1 - alone_spread / math.sqrt(2))]
+    alone = (
+        [rate]
+        if alone_spread is None
+        else [rate * (1 + alone_spread / math.sqrt(2)), rate * (1 - alone_spread / math.sqrt(2))]
+    )
     gbit = {"unshaped": None, "1gbit": 1.0}
     common = {"model": "densenet121", "batch_size_per_rank": 8, "run_id": "cs"}
     for k, alone_rate in enumerate(alone):
@@ -181,13 +188,23 @@ def _cross_node_noisy(value, noise, tmp_path, monkeypatch):
 
 def _allreduce_model(value, tmp_path, monkeypatch, alone_spread=None, step_ms=200.0):
     measured = 100.0  # ms; predicted over by ``value`` of it
-    check = {"model": "densenet121", "gbit_per_s": 1.0, "measured_ms": measured,
-             "predicted_ms": measured * (1 + value), "relative_error": value, "run_id": "cs",
-             "timeline_allreduce_ms": 90}
+    check = {
+        "model": "densenet121",
+        "gbit_per_s": 1.0,
+        "measured_ms": measured,
+        "predicted_ms": measured * (1 + value),
+        "relative_error": value,
+        "run_id": "cs",
+        "timeline_allreduce_ms": 90,
+    }
     other = {**check, "model": "standin", "predicted_ms": 1.0}  # another model's check: ignored
-    return {**_train([]), "allreduce_checks": [other, check],
-            "cluster_scaling": _cluster_rows(step_ms / (step_ms + measured), alone_spread,
-                                             step_ms, links=("1gbit",))}
+    return {
+        **_train([]),
+        "allreduce_checks": [other, check],
+        "cluster_scaling": _cluster_rows(
+            step_ms / (step_ms + measured), alone_spread, step_ms, links=("1gbit",)
+        ),
+    }
 
 
 def _allreduce_model_noisy(value, noise, tmp_path, monkeypatch):

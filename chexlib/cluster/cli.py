@@ -168,9 +168,7 @@ def repair(state: ClusterState) -> None:
     planned = [Node.from_dict(d) for d in state.data.get("nodes", [])]
     gone = [n.name for n in planned if not os.path.exists(n.netns)]
     if gone:
-        raise ClusterError(
-            f"namespace(s) {', '.join(gone)} gone: chexlib cluster down, then up"
-        )
+        raise ClusterError(f"namespace(s) {', '.join(gone)} gone: chexlib cluster down, then up")
     alive = state.daemons_alive()
     if not alive.get("munged", True):
         raise ClusterError("munged is not running: chexlib cluster down, then up")

@@ -12,6 +12,7 @@ import pandas as pd
 
 from chexlib.report.allreduce_model import POSTER_CASE, TOLERANCE, efficiency
 from chexlib.report.allreduce_plots import LINES
+from chexlib.report.cluster_scaling import TARGET_VS_CONCURRENT as TARGET
 from chexlib.report.style import NEUTRAL_COLOR, RANK_COLORS, TARGET_COLOR, finish, new_figure
 
 # (configuration, efficiency column) -> colour and label: what each ratio separates
@@ -30,7 +31,6 @@ SERIES = {
     ),
 }
 MODEL_COLOR = LINES[POSTER_CASE][0]  # the projection figure's colour of a projected line
-TARGET = 0.90  # issue 23: DenseNet121 over 2 nodes >= 0.90 of the two independent jobs
 
 
 def _model_efficiency(rows: pd.DataFrame) -> pd.DataFrame:

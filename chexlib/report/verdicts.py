@@ -32,6 +32,7 @@ from chexlib.core.reference import (
     POSTER_THROUGHPUT,
 )
 from chexlib.report.allreduce_model import POSTER_CASE, TOLERANCE, case
+from chexlib.report.cluster_scaling import TARGET_VS_CONCURRENT
 from chexlib.report.summary import INPUT_BOUND_BELOW, ratio_with_noise, throughput_rows
 
 SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE = "supported", "not supported", "not testable here"
@@ -70,7 +71,6 @@ _SMALLER_GAIN = min(POSTER_RECORDS_GAIN.values())
 _GAINS = " and ".join(f"+{v} % ({k})" for k, v in POSTER_RECORDS_GAIN.items())
 _POSTER_2GPU = POSTER_THROUGHPUT[2] / (2 * POSTER_THROUGHPUT[1])
 _POSTER_AT = max(POSTER_EFFICIENCY)  # the largest GPU count whose efficiency the poster states
-CROSS_NODE_TARGET = 0.90  # DenseNet121 across 2 nodes / two independent jobs (issue 23)
 _CHECK_GBIT = 1.0  # the link rate at which the allreduce model is held to TOLERANCE
 _CROSS_MODEL = "densenet121"
 
@@ -110,7 +110,7 @@ CLAIMS = [
     Claim("cross-node", "Across 2 nodes (LOCAL EMULATION, one core each), does DenseNet121 "
           "under Horovod keep its speed against two independent one-rank jobs running at the "
           "same time (unshaped link: what Horovod itself costs)?", "x independent jobs",
-          CROSS_NODE_TARGET, OURS, "the target of issue 23: Horovod's allreduce and per-step "
+          TARGET_VS_CONCURRENT, OURS, "the target of issue 23: Horovod's allreduce and per-step "
           "work cost at most a tenth of a DenseNet121 step", reads=None),
     Claim("allreduce-model", "Does the ring-allreduce model predict DenseNet121's measured "
           f"2-node allreduce overhead at {_CHECK_GBIT:g} Gbit/s (|predicted - measured| / "
@@ -354,7 +354,9 @@ def _cluster_rows(tables) -> tuple[pd.DataFrame, float | None, str]:
 def _cross_node(tables):
     rows, rel, noise_from = _cluster_rows(tables)
     if rows.empty:
-        return Measured(None, [], "no cross-node scaling (notebook 04c) of DenseNet121 in this study")
+        return Measured(
+            None, [], "no cross-node scaling (notebook 04c) of DenseNet121 in this study"
+        )
     at = {r["configuration"]: r for _, r in rows[rows["link_rate"] == "unshaped"].iterrows()}
     if not {"horovod", "concurrent"} <= set(at):
         return Measured(None, [], "no unshaped-link Horovod and independent-jobs runs of "

@@ -479,7 +479,7 @@ def _short(err: Exception, keep: int = 600) -> str:
     if len(text) <= keep:
         return text
     head = keep // 3
-    return f"{text[:head]} ... {text[-(keep - head):]}"
+    return f"{text[:head]} ... {text[-(keep - head) :]}"
 
 
 def run_study(
