@@ -242,7 +242,7 @@ def _finish_record(run, record: dict, job: dict, log_path: Path) -> None:
     details = [f"{k} {job[k]}" for k in ("reason", "exit_code") if job[k] not in (None, "None")]
     reason += f" ({', '.join(details)})" if details else ""
     if written.get("status") == "failed" and written.get("error"):
-        reason += f": ...{written['error'][-600:]}"
+        reason += f": {written['error']}"  # already one line, cut by the runner
     reason += f"; log: {log_path}"
     write_json(marker, {**final, "status": "failed", "error": reason})
     raise SlurmError(reason)
